@@ -1,0 +1,97 @@
+"""scBERT-style Performer encoder (Yang et al., Nat. Mach. Intell. 2022): architecture only.
+
+Expression-bin token embedding + gene identity embedding, Performer blocks from
+``performer-pytorch`` (pre-LayerNorm, FAVOR+), and a Linear(dim -> n_tokens) reconstructor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from performer_pytorch import Performer
+from performer_pytorch.performer_pytorch import FastAttention
+from torch import nn
+
+MASK_TOKEN = 6  # tokens 0..5 are expression bins
+
+
+@dataclass
+class PerformerConfig:
+    n_genes: int
+    dim: int = 200
+    depth: int = 6
+    heads: int = 10
+    dim_head: int = 64
+    nb_features: int = 266  # int(64 * ln 64), as in scBERT
+    feature_redraw_interval: int = 1000
+    ff_mult: int = 4
+    dropout: float = 0.0
+    n_tokens: int = 7
+    freeze_gene_embedding: bool = True
+    # Seed of the FAVOR+ redraws: every rank draws the same matrices (the reference
+    # used each rank's own RNG, so ranks diverged after the first redraw).
+    redraw_seed: int = 0
+
+
+class PerformerEncoder(nn.Module):
+    family = "performer"
+
+    def __init__(self, cfg: PerformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.seq_len = cfg.n_genes + 1  # scBERT appends one zero position
+        self.token_emb = nn.Embedding(cfg.n_tokens, cfg.dim)
+        self.gene_emb = nn.Embedding(self.seq_len, cfg.dim)
+        with torch.no_grad():
+            self.gene_emb.weight[-1].zero_()
+        self.gene_emb.weight.requires_grad_(not cfg.freeze_gene_embedding)
+        self.performer = Performer(
+            dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head,
+            nb_features=cfg.nb_features, feature_redraw_interval=cfg.feature_redraw_interval,
+            ff_mult=cfg.ff_mult, ff_dropout=cfg.dropout, attn_dropout=cfg.dropout,
+            auto_check_redraw=False,  # redraws are ours: seeded, identical on every rank
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.to_out = nn.Linear(cfg.dim, cfg.n_tokens)
+        self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("redraws", torch.zeros((), dtype=torch.long))
+
+    def load_gene_embedding(self, weights: torch.Tensor) -> None:
+        """Copy a [n_genes, dim] gene-identity matrix (e.g. gene2vec) in; cast to float32."""
+        if tuple(weights.shape) != (self.cfg.n_genes, self.cfg.dim):
+            raise ValueError(f"gene embedding has shape {tuple(weights.shape)}, expected ({self.cfg.n_genes}, {self.cfg.dim})")
+        with torch.no_grad():
+            self.gene_emb.weight[:-1].copy_(weights.to(torch.float32))
+
+    @torch.no_grad()
+    def redraw_projections(self) -> None:
+        """Redraw every FAVOR+ projection from (redraw_seed, redraw count) on the CPU RNG."""
+        self.redraws += 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.redraw_seed * 1_000_003 + int(self.redraws))
+            for fa in self.performer.modules():
+                if isinstance(fa, FastAttention):
+                    fa.projection_matrix.copy_(fa.create_projection(device="cpu"))
+
+    def _maybe_redraw(self) -> None:
+        interval = self.cfg.feature_redraw_interval
+        if self.training and interval:
+            if int(self.forward_calls) > 0 and int(self.forward_calls) % interval == 0:
+                self.redraw_projections()
+            self.forward_calls += 1
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, G+1] (long) -> per-position representations [B, G+1, dim]."""
+        if tokens.shape[1] != self.seq_len:
+            raise ValueError(f"expected {self.seq_len} positions (n_genes + 1), got {tokens.shape[1]}")
+        self._maybe_redraw()
+        x = self.token_emb(tokens) + self.gene_emb.weight.unsqueeze(0)
+        return self.norm(self.performer(x))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits over the expression tokens at every position, [B, G+1, n_tokens]."""
+        return self.to_out(self.hidden(tokens))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Cell embedding [B, dim]: mean of the gene-position representations (pad excluded)."""
+        return self.hidden(tokens)[:, :-1].mean(dim=1)

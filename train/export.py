@@ -1,0 +1,111 @@
+"""Export: a self-contained directory a downstream team loads without DeepSpeed or training code.
+
+Layout (ARCHITECTURE.md, Export contract)::
+
+    config.json        model_family, model hyperparameters, preprocessing spec, vocab hash, provenance
+    model.safetensors  consolidated fp32 weights of the pretraining module (encoder + its reconstruction head)
+    vocab.tsv          gene_id<TAB>symbol, one row per model input column, in order
+    README.md          a short model card
+
+Written into a temporary sibling directory and renamed into place, so a crash never
+leaves a directory that looks like a complete export.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from scmodels.build import embedding_key, hparams_of
+from scmodels.preprocess import PreprocessSpec
+
+EXPORT_FORMAT_VERSION = 1
+
+
+def vocab_sha256(gene_ids: list[str]) -> str:
+    """Hash of the ordered gene ids: equal hashes mean identical model input columns."""
+    return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _model_card(cfg: dict) -> str:
+    fam = cfg["model_family"]
+    prov = cfg.get("provenance", {})
+    return (
+        f"# {fam} encoder export\n\n"
+        f"- family: `{fam}`; {cfg['n_genes']} input genes (see `vocab.tsv`, sha256 `{cfg['vocab_sha256'][:12]}…`)\n"
+        f"- preprocessing: `{json.dumps(cfg['preprocessing'])}` applied to raw counts\n"
+        f"- trained steps: {prov.get('steps', '?')}, cells seen: {prov.get('cells_seen', '?')}\n"
+        f"- corpus manifest sha256: {prov.get('corpus_manifest_sha256', '?')}\n\n"
+        "## Use\n\n```python\nimport anndata, evaluate\nmodel = evaluate.load_export('THIS_DIR')\n"
+        "adata = anndata.read_h5ad('cells.h5ad')  # raw counts in X\n"
+        f"evaluate.embed(model, adata)  # adata.obsm['{embedding_key(fam)}']\n```\n"
+    )
+
+
+def write_export(
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    family: str,
+    hparams: dict,
+    preprocessing: PreprocessSpec,
+    vocab: "list[tuple[str, str]]",
+    provenance: dict | None = None,
+) -> Path:
+    """Write an export atomically. ``vocab`` is [(gene_id, symbol), ...] in model column order."""
+    out = Path(out_dir)
+    gene_ids = [g for g, _ in vocab]
+    if hparams.get("n_genes") != len(gene_ids):
+        raise ValueError(f"export: model n_genes={hparams.get('n_genes')} but vocabulary has {len(gene_ids)} genes")
+    cfg = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model_family": family,
+        "model": hparams,
+        "preprocessing": preprocessing.to_dict(),
+        "n_genes": len(gene_ids),
+        "vocab_sha256": vocab_sha256(gene_ids),
+        "embedding_key": embedding_key(family),
+        "provenance": {"exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(provenance or {})},
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+               if v.is_floating_point() else v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_family": family})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (tmp / "vocab.tsv").write_text("gene_id\tsymbol\n" + "".join(f"{g}\t{s}\n" for g, s in vocab))
+    (tmp / "README.md").write_text(_model_card(cfg))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    _fsync_dir(out.parent)
+    return out
+
+
+def export_model(out_dir: str | Path, model: torch.nn.Module, preprocessing: PreprocessSpec,
+                 vocab: "list[tuple[str, str]]", provenance: dict | None = None) -> Path:
+    """Export an in-memory model (all weights present on this process)."""
+    return write_export(out_dir, model.state_dict(), model.family, hparams_of(model), preprocessing, vocab, provenance)
