@@ -1,0 +1,225 @@
+"""The streaming dataset: epoch plan -> block reads -> mixing window -> CSR batches.
+
+Distributed contract: every rank builds its ``StreamingLoader`` with the same ``seed``,
+``batch_size``, ``block_size`` and ``window_batches`` and its own ``rank``; the plan then
+gives every rank the same number of batches per epoch (no DDP hang) and disjoint cells.
+The stream state is global (``state_dict()`` is identical on every rank): save it once.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_loader.readers import Block, SomaReader, ZarrReader, concat_blocks, take_rows
+from sharding.manifest import read_manifest
+from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
+                           consumed_per_stream, resume_state, segment_length, stream_batches)
+
+
+def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted row indices into maximal runs of consecutive rows -> [(start, stop)]."""
+    if len(sorted_rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sorted_rows)]])
+    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def _to_batch(block: Block, epoch: int) -> dict:
+    return {
+        "indptr": torch.from_numpy(block.indptr), "indices": torch.from_numpy(block.indices),
+        "data": torch.from_numpy(block.data), "cell_id": torch.from_numpy(block.cell_id),
+        "obs": {k: v.tolist() for k, v in block.obs.items()}, "epoch": epoch,
+    }
+
+
+class CorpusDataset(IterableDataset):
+    """One ``iter()`` streams the rest of one epoch for this rank (and DataLoader worker).
+
+    With persistent workers, a worker's k-th ``iter()`` is epoch ``state.epoch + k``: the state
+    is handed over when the workers start, so it is not re-read afterwards.
+    """
+
+    def __init__(self, reader, sizes: list[int], block_size: int, batch_size: int, window_batches: int,
+                 rank: int, world_size: int, state: StreamState, read_ahead: int = 2):
+        self.reader, self.sizes, self.block_size = reader, list(sizes), block_size
+        self.batch_size, self.window_batches = batch_size, window_batches
+        self.rank, self.world_size, self.state, self.read_ahead = rank, world_size, state, read_ahead
+        self.table = block_table(self.sizes, block_size)
+        self.n_cells = int(sum(self.sizes))
+        self._iters = 0
+
+    def layout(self, num_workers: int) -> Layout:
+        return Layout(self.world_size, num_workers, self.batch_size, self.window_batches)
+
+    def _read_window(self, order: EpochOrder, pos: np.ndarray) -> Block:
+        shard, row = order.locate(pos)
+        key = np.lexsort((row, shard))
+        pieces = []
+        for s in np.unique(shard):
+            rows = row[key][shard[key] == s]
+            if isinstance(self.reader, SomaReader):
+                pieces.append(self.reader.read_rows(rows))
+            else:
+                pieces += [self.reader.read(int(s), a, b) for a, b in _runs(rows)]
+        sorted_block = concat_blocks(pieces)
+        inv = np.empty(len(key), dtype=np.int64)
+        inv[key] = np.arange(len(key))
+        return take_rows(sorted_block, inv)  # back to the window's mixed order
+
+    def _windows(self, state: StreamState, layout: Layout, worker: int) -> Iterator[tuple[Block, list]]:
+        order = EpochOrder(self.table, state.seed, state.epoch)
+        skip = 0
+        if state.layout == layout and state.batches:
+            skip = consumed_per_stream(state.batches, layout)[worker]
+        for pos, cuts in stream_batches(state, self.n_cells, layout, self.rank, worker, skip=skip):
+            yield self._read_window(order, pos), cuts
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, k = (info.id, info.num_workers) if info else (0, 0)
+        state = self.state if self._iters == 0 else StreamState(self.state.seed, self.state.epoch + self._iters)
+        self._iters += 1
+        source = self._windows(state, self.layout(k), worker)
+        if self.read_ahead > 0:
+            source = _prefetch(source, self.read_ahead)
+        for block, cuts in source:
+            for lo, hi in cuts:
+                yield _to_batch(take_rows(block, np.arange(lo, hi)), state.epoch)
+
+
+def _prefetch(it: Iterator, depth: int) -> Iterator:
+    """Run ``it`` in a background thread, ``depth`` items ahead (zarr/numcodecs release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # hand the error to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class StreamingLoader:
+    """Batches of CSR counts for one rank, with a global, resumable stream state.
+
+    Args:
+        corpus: a corpus directory (``python -m sharding build``).
+        backend: ``"zarr"`` (the corpus's shards) or ``"soma"`` (its TileDB-SOMA experiment).
+        batch_size: cells per batch per rank.
+        seed: must be equal on every rank.
+        rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
+        num_workers: DataLoader worker processes (0 = read in this process with a read-ahead thread).
+        block_size: rows per I/O block; window_batches: batches mixed together per window.
+        obs_columns: obs columns to return with each batch (``cell_id`` always comes).
+
+    Each ``iter()`` yields the rest of the current epoch; the next one starts the next epoch.
+    """
+
+    def __init__(self, corpus: str | Path, backend: str = "zarr", batch_size: int = 64, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                 block_size: int = 256, window_batches: int = 8, obs_columns: list[str] | tuple = (),
+                 persistent_workers: bool = False, pin_memory: bool | None = None, read_ahead: int = 2,
+                 soma_uri: str | None = None, soma_filter: str | None = None, census_organism: str | None = None):
+        if rank is None or world_size is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if on else 0
+            world_size = dist.get_world_size() if on else 1
+        self.corpus = Path(corpus)
+        self.manifest = read_manifest(self.corpus)
+        self.reader = self._build_reader(backend, list(obs_columns), soma_uri, soma_filter, census_organism)
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.batch_size, self.block_size, self.window_batches = batch_size, block_size, window_batches
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.read_ahead = read_ahead
+        self.n_cells = int(sum(self.reader.sizes))
+        self._state = StreamState(seed=seed)
+        self._loader: DataLoader | None = None
+
+    def _build_reader(self, backend, obs_columns, soma_uri, soma_filter, organism):
+        if backend == "zarr":
+            if not self.manifest.get("zarr"):
+                raise ValueError(f"{self.corpus}/manifest.json: corpus has no Zarr shards; build with --format zarr|both or use backend='soma'")
+            return ZarrReader(self.corpus, self.manifest, obs_columns)
+        if backend == "soma":
+            uri = soma_uri
+            if uri is None:
+                if not self.manifest.get("soma"):
+                    raise ValueError(f"{self.corpus}/manifest.json: corpus has no SOMA experiment; build with --format soma|both or use backend='zarr'")
+                uri = str(self.corpus / self.manifest["soma"]["path"])
+            return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism)
+        raise ValueError(f"backend: {backend!r} is not one of 'zarr', 'soma'")
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, self.num_workers, self.batch_size, self.window_batches)
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+    def batches_in_epoch(self) -> int:
+        """Batches this rank will yield for the rest of the current epoch (equal on every rank)."""
+        st = self._current_segment()
+        return batches_per_rank(segment_length(self.n_cells, st), self.layout) - (
+            st.batches if st.layout == self.layout else 0)
+
+    def _current_segment(self) -> StreamState:
+        st = self._state
+        if st.layout is not None and st.layout != self.layout:
+            st = resume_state(st, self.n_cells)
+        return st
+
+    def _dataloader(self, state: StreamState) -> DataLoader:
+        ds = CorpusDataset(self.reader, self.reader.sizes, self.block_size, self.batch_size,
+                           self.window_batches, self.rank, self.world_size, state, self.read_ahead)
+        kw = {"prefetch_factor": 2, "persistent_workers": self.persistent_workers} if self.num_workers else {}
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
+
+    def __iter__(self) -> Iterator[dict]:
+        st = self._current_segment()
+        fresh_epoch = st.layout is None and st.batches == 0 and len(st.prefix) == 0 and st.offset == 0
+        reuse = self._loader is not None and self.persistent_workers and fresh_epoch and self._expect_epoch == st.epoch
+        if not reuse:
+            self._loader = self._dataloader(st)
+            self._expect_epoch = st.epoch
+        self._state = StreamState(st.seed, st.epoch, st.prefix, st.offset, self.layout,
+                                  st.batches if st.layout == self.layout else 0, st.segment)
+        for batch in self._loader:
+            self._state.batches += 1
+            yield batch
+        self._state = StreamState(st.seed, st.epoch + 1)
+        self._expect_epoch = st.epoch + 1
+
+    def state_dict(self) -> dict:
+        """The global stream cursor (same on every rank); JSON-serialisable."""
+        return self._state.to_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue exactly after the cells the saved topology consumed (any world size/workers)."""
+        self._state = resume_state(StreamState.from_dict(d), self.n_cells)
+        self._loader = None

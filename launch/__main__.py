@@ -1,0 +1,107 @@
+"""Start pretraining processes: torchrun (one node or many, c10d rendezvous), the deepspeed
+launcher with a hostfile, or SLURM. ``--dry-run`` prints the resolved plan and the command.
+
+    python -m launch --config configs/pretrain/demo_mae.yaml --nproc-per-node 2
+    python -m launch --config configs/pretrain/mae_base.yaml corpus=corpora/lung \\
+        --nnodes 4 --nproc-per-node 8 --rdzv-endpoint head:29400 --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+
+def plan(cfg, world_size: int) -> dict:
+    """Batch arithmetic and a per-rank memory estimate (weights, grads, Adam states by ZeRO stage)."""
+    from scmodels.build import build_model
+    from sharding.manifest import read_vocab
+    from train.config import resolve_model_params
+
+    try:
+        n_genes = len(read_vocab(cfg.data.corpus))
+    except Exception:  # noqa: BLE001 - a dry run must work before the corpus exists
+        n_genes = 19331 if cfg.model.family == "mae" else 16906
+    params = {**resolve_model_params(cfg.model), "n_genes": n_genes}
+    model = build_model(cfg.model.family, params)
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stage, W = cfg.engine.zero_stage, world_size
+    weights = 4 * n_params / (W if stage >= 3 else 1)
+    grads = 4 * trainable / (W if stage >= 2 else 1)
+    adam = 8 * trainable / (W if stage >= 1 else 1)
+    if cfg.engine.offload_optimizer:
+        adam = 0.0
+    micro = cfg.data.batch_size
+    return {
+        "world_size": W, "per_rank_batch": micro, "grad_accum": cfg.engine.grad_accum,
+        "global_batch": micro * cfg.engine.grad_accum * W, "zero_stage": stage,
+        "offload_optimizer": cfg.engine.offload_optimizer, "model": cfg.model.family, "n_genes": n_genes,
+        "parameters": n_params, "trainable": trainable,
+        "est_state_gib_per_rank": round((weights + grads + adam) / 2**30, 3),
+        "est_input_gib_per_rank": round(micro * n_genes * 4 * 3 / 2**30, 3),
+    }
+
+
+def torchrun_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
+           f"--nnodes={a.nnodes}", f"--max-restarts={a.max_restarts}"]
+    if a.nnodes == 1 and not a.rdzv_endpoint:
+        cmd.append("--standalone")
+    else:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={a.rdzv_endpoint}", f"--rdzv-id={a.rdzv_id}"]
+    return cmd + ["-m", "train", "pretrain", *train_args]
+
+
+def deepspeed_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
+    cmd = ["deepspeed", f"--num_gpus={a.nproc_per_node}"]
+    if a.hostfile:
+        cmd += [f"--hostfile={a.hostfile}"]
+    return cmd + ["--module", "train", "pretrain", *train_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides (corpus=DIR, optim.lr=...)")
+    p.add_argument("--launcher", choices=["torchrun", "deepspeed"], default="torchrun")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="default: GPUs on this node, else 2 on CPU")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the c10d rendezvous (several nodes)")
+    p.add_argument("--rdzv-id", default="scpretrain")
+    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--hostfile", default=None, help="deepspeed launcher hostfile (see launch/hostfile.example)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the command, run nothing")
+    a = p.parse_args(argv)
+    import torch
+
+    from train.config import ConfigError, load_config
+
+    if a.nproc_per_node is None:
+        a.nproc_per_node = torch.cuda.device_count() or 2
+    if a.nnodes > 1 and not a.rdzv_endpoint:
+        p.error("--nnodes > 1 needs --rdzv-endpoint host:port")
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train_args = ["--config", a.config, *a.overrides]
+    cmd = torchrun_cmd(a, train_args) if a.launcher == "torchrun" else deepspeed_cmd(a, train_args)
+    world = a.nproc_per_node * a.nnodes
+    info = plan(cfg, world)
+    print("plan: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    print("command: " + shlex.join(cmd), flush=True)
+    if a.dry_run:
+        return 0
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

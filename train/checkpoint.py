@@ -1,0 +1,121 @@
+"""Checkpoints that survive failures.
+
+DeepSpeed's own saves are not atomic and its ``latest`` file is written by rank 0 without
+waiting for the others (RELIABILITY.md). So: every rank saves under a tag, the ranks agree on
+success (all-reduce of an ok flag), and only then rank 0 writes our commit marker ``COMMITTED``
+(temp file + fsync + rename). Only committed tags are ever loaded; a tag that fails to load on
+any rank is skipped for the previous one; existing checkpoints are never silently ignored.
+
+Per-rank state lost under ZeRO 0-2 (DeepSpeed keeps only rank 0's ``client_state``) is avoided
+by design: the data-stream cursor is global (saved once, in ``trainer_state.json``) and masks
+and dropout are seeded from (seed, rank, step), so no per-rank RNG state is needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+MARKER = "COMMITTED"
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _all_ok(ok: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tag_of(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def committed_tags(root: Path) -> list[str]:
+    """Committed tags, newest first."""
+    if not root.exists():
+        return []
+    return sorted((p.name for p in root.iterdir() if (p / MARKER).exists()), reverse=True)
+
+
+def any_tags(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.exists() else []
+
+
+def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[str, str], keep: int) -> bool:
+    """Save on every rank; commit only if all ranks succeeded. Returns whether it committed."""
+    tag = tag_of(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    ok = True
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        if rank == 0:
+            for name, text in {TRAINER_STATE: json.dumps(trainer_state), **extra_files}.items():
+                _atomic_write(root / tag / name, text)
+    except Exception as e:  # noqa: BLE001 - any failure on any rank means "not committed"
+        print(f"[rank {rank}] checkpoint {tag} failed: {e!r}", flush=True)
+        ok = False
+    ok = _all_ok(ok)
+    if ok and rank == 0:
+        _atomic_write(root / tag / MARKER, json.dumps({"step": step}))
+        for old in committed_tags(root)[keep:]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return ok
+
+
+def load_latest(engine, root: Path, resume: str, allow_fresh_start: bool) -> dict | None:
+    """Load the newest committed checkpoint that every rank can load; returns its trainer state.
+
+    Returns None only when starting fresh is legitimate (no checkpoints, or explicitly allowed).
+    """
+    tags = committed_tags(root)
+    present = any_tags(root)
+    if resume == "never" or not present:
+        if present and not allow_fresh_start:
+            raise CheckpointError(
+                f"{root}: {len(present)} checkpoint(s) exist but checkpoint.resume=never; "
+                "set checkpoint.allow_fresh_start=true to start from step 0 anyway, or use another out_dir")
+        return None
+    for tag in tags:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        ok, state = True, None
+        try:
+            path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
+            ok = path is not None
+            state = json.loads((root / tag / TRAINER_STATE).read_text())
+        except Exception as e:  # noqa: BLE001
+            print(f"[rank {rank}] checkpoint {tag} unusable: {e!r}; trying an older one", flush=True)
+            ok = False
+        if _all_ok(ok):
+            return state
+    if allow_fresh_start:
+        return None
+    raise CheckpointError(
+        f"{root}: checkpoints exist ({', '.join(present[-3:])}) but none is complete and loadable on every rank; "
+        "set checkpoint.allow_fresh_start=true to start from step 0")

@@ -1,0 +1,212 @@
+"""One typed config tree: dataclasses, loaded from YAML, overridden by ``key=value`` arguments.
+
+Unknown keys and wrong types fail with the key's dotted name. The resolved tree is saved with
+every run and logged as MLflow params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "demo_out/corpus"
+    backend: str = "zarr"  # zarr | soma
+    batch_size: int = 64  # cells per micro-batch per rank
+    num_workers: int = 0
+    block_size: int = 256
+    window_batches: int = 8
+    read_ahead: int = 2
+    soma_filter: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    family: str = "mae"  # mae | performer
+    preset: str | None = None  # a file in configs/model/ (without .yaml), applied before params
+    params: dict[str, Any] = field(default_factory=dict)  # hyperparameters (n_genes comes from the corpus)
+    gene_embedding: str | None = None  # Performer: gene2vec file (.npy + .genes.txt, or word2vec text)
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_prob: float | None = None  # default: 0.5 (MAE random masking), 0.15 (Performer masked bins)
+    keep_prob: float = 0.1  # Performer: share of masked positions left unchanged instead of [MASK]
+    # The MAE reference divided the masked-entry loss by all entries; True restores that.
+    reference_loss_divisor: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    precision: str = "auto"  # auto (bf16 on GPUs that support it, fp32 on CPU) | fp32 | bf16
+    grad_accum: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 50
+    keep: int = 3
+    resume: str = "auto"  # auto: newest complete checkpoint | never: refuse if checkpoints exist
+    allow_fresh_start: bool = False  # start from step 0 although checkpoints exist
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str | None = None  # default: sqlite store in <out_dir>/../mlflow.db
+    experiment: str = "scpretrain"
+    log_every: int = 5
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "demo_out/runs"
+    max_steps: int = 100
+    seed: int = 0
+    export_dir: str | None = None  # written at the end of training when set
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errs = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(value, arm, key)
+            except ConfigError as e:
+                errs.append(str(e))
+        raise ConfigError(f"{key}: expected {tp}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_check(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``d``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{where}: unknown key; known keys here: {', '.join(sorted(names))}")
+    kwargs = {k: _check(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML) -> RunConfig.
+
+    ``corpus=DIR`` is a shortcut for ``data.corpus=DIR``.
+    """
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value (e.g. optim.lr=3e-4)")
+        k, v = ov.split("=", 1)
+        k = {"corpus": "data.corpus"}.get(k, k)
+        _set_dotted(raw, k, yaml.safe_load(v))
+    return from_dict(RunConfig, raw)
+
+
+def resolve_model_params(cfg: ModelConfig) -> dict:
+    """Preset file (configs/model/<preset>.yaml) merged with ``params``; family checked."""
+    params: dict = {}
+    if cfg.preset:
+        p = REPO / "configs" / "model" / f"{cfg.preset}.yaml"
+        if not p.exists():
+            raise ConfigError(f"model.preset: {cfg.preset!r} not found ({p})")
+        preset = yaml.safe_load(p.read_text())
+        if preset.get("family") != cfg.family:
+            raise ConfigError(f"model.preset: {p.name} is family {preset.get('family')!r}, not {cfg.family!r}")
+        params.update(preset.get("params", {}))
+    params.update(cfg.params)
+    return params
+
+
+def to_flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten for MLflow params."""
+    out: dict[str, Any] = {}
+    items = dataclasses.asdict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(to_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out

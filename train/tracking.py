@@ -1,0 +1,81 @@
+"""Run tracking: metrics.jsonl + MLflow, on rank 0 only."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from train.config import RunConfig, to_flat
+
+
+def redact(uri: str) -> str:
+    """Drop user:password from URIs before they are logged."""
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def default_tracking_uri(cfg: RunConfig) -> str:
+    return cfg.tracking.mlflow_uri or f"sqlite:///{(Path(cfg.out_dir).resolve().parent / 'mlflow.db')}"
+
+
+class Tracker:
+    """Writes ``metrics.jsonl`` and logs to MLflow. Inactive (no-op) on ranks other than 0."""
+
+    def __init__(self, cfg: RunConfig, rank: int, run_id: str | None = None):
+        self.active = rank == 0
+        self.cfg = cfg
+        self.run_id = run_id
+        if not self.active:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        run_dir = cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._file = open(self.metrics_path, "a")
+        mlflow.set_tracking_uri(default_tracking_uri(cfg))
+        mlflow.set_experiment(cfg.tracking.experiment)
+        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.name)
+        self.run_id = run.info.run_id
+        if not run_id:
+            params = {k: redact(str(v)) for k, v in to_flat(cfg).items()}
+            mlflow.log_params(params)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            if Path(path).is_dir():
+                self.mlflow.log_artifacts(str(path), artifact_path=subdir)
+            else:
+                self.mlflow.log_artifact(str(path), artifact_path=subdir)
+
+    def close(self) -> None:
+        if self.active:
+            self._file.close()
+            self.mlflow.end_run()
+
+
+def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

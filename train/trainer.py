@@ -1,0 +1,206 @@
+"""The pretraining loop. Run under torchrun (or the deepspeed launcher / SLURM via ``launch``)::
+
+    torchrun --nproc-per-node 2 -m train pretrain --config configs/pretrain/demo_mae.yaml
+    python -m train pretrain --config configs/pretrain/demo_mae.yaml   # one process, CPU
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from data_loader import StreamingLoader, model_inputs
+from scmodels.build import build_model, default_preprocessing, hparams_of
+from sharding.manifest import read_manifest, read_vocab
+from train import checkpoint, objectives
+from train.config import RunConfig, resolve_model_params
+from train.engine import build_engine
+from train.export import write_export
+from train.tracking import Tracker, plot_loss
+
+
+def build_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun/deepspeed/SLURM set up (or a world of one)."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(var, default)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return rank, world, torch.device("cpu")
+
+
+def build_model_for(cfg: RunConfig, n_genes: int) -> torch.nn.Module:
+    params = resolve_model_params(cfg.model)
+    params["n_genes"] = n_genes
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model.family, params)
+    if cfg.model.gene_embedding:
+        from train.gene_embedding import load_gene_embedding
+
+        model.load_gene_embedding(load_gene_embedding(cfg.model.gene_embedding, cfg.data.corpus, params["dim"]))
+    return model
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+class Batches:
+    """Endless batches across epochs, timing the wait for each (data stall)."""
+
+    def __init__(self, loader: StreamingLoader):
+        self.loader, self.it, self.wait = loader, None, 0.0
+
+    def next(self) -> dict:
+        t = time.perf_counter()
+        while True:
+            if self.it is None:
+                self.it = iter(self.loader)
+            try:
+                b = next(self.it)
+                break
+            except StopIteration:
+                self.it = None
+        self.wait += time.perf_counter() - t
+        return b
+
+
+def train_step(engine, cfg: RunConfig, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    o = cfg.objective
+    if cfg.model.family == "mae":
+        p = 0.5 if o.mask_prob is None else o.mask_prob
+        return objectives.mae_random_mask(engine, inputs["x"], gen, p, o.reference_loss_divisor)
+    p = 0.15 if o.mask_prob is None else o.mask_prob
+    return objectives.performer_masked_bins(engine, inputs["x"], inputs["expressed"], gen, p, o.keep_prob)
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights on every rank (ZeRO-3 parameters gathered)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def pretrain(cfg: RunConfig) -> dict:
+    rank, world, device = build_distributed()
+    corpus = Path(cfg.data.corpus)
+    manifest = read_manifest(corpus)
+    vocab = read_vocab(corpus)
+    model = build_model_for(cfg, len(vocab)).to(device)
+    spec = default_preprocessing(cfg.model.family)
+    d = cfg.data
+    loader = StreamingLoader(corpus, backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank,
+                             world_size=world, num_workers=d.num_workers, block_size=d.block_size,
+                             window_batches=d.window_batches, read_ahead=d.read_ahead, soma_filter=d.soma_filter)
+    engine, ds_cfg = build_engine(cfg, model, world, device.type)
+    run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
+    state = checkpoint.load_latest(engine, ckpt_root, cfg.checkpoint.resume, cfg.checkpoint.allow_fresh_start)
+    step, cells = (state["step"], state["cells_seen"]) if state else (0, 0)
+    if state:
+        loader.load_state_dict(state["stream"])
+    tracker = Tracker(cfg, rank, run_id=state.get("mlflow_run_id") if state else None)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        print(f"[train] {cfg.model.family}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"world size {world}, ZeRO-{cfg.engine.zero_stage}, {d.backend} corpus {corpus} "
+              f"({manifest['n_cells']:,} cells x {len(vocab):,} genes), "
+              + (f"resumed at step {step}" if state else "fresh start"), flush=True)
+    export_meta = {"family": cfg.model.family, "hparams": hparams_of(model), "preprocessing": spec.to_dict(),
+                   "corpus": str(corpus.resolve()), "corpus_manifest_sha256": _manifest_hash(corpus)}
+    batches = Batches(loader)
+    bar = _progress(cfg, rank, step)
+    last_loss = float("nan")
+    engine.train()
+    while step < cfg.max_steps:
+        t0, batches.wait = time.perf_counter(), 0.0
+        for micro in range(cfg.engine.grad_accum):
+            batch = batches.next()
+            inputs = model_inputs(batch, len(vocab), spec, device)
+            torch.manual_seed(cfg.seed * 100_003 + rank * 7_919 + step)  # dropout: a function of the step
+            gen = objectives.step_generator(cfg.seed, rank, step * cfg.engine.grad_accum + micro, device)
+            loss, extra = train_step(engine, cfg, inputs, gen)
+            engine.backward(loss)
+            engine.step()
+            cells += int(batch["cell_id"].numel()) * world
+        step += 1
+        dt = time.perf_counter() - t0
+        if step % cfg.tracking.log_every == 0 or step == cfg.max_steps:
+            last_loss = _mean_across_ranks(loss.detach().float())
+            metrics = {"loss": last_loss, "lr": engine.get_lr()[0], "cells_seen": cells,
+                       "cells_per_s": cfg.data.batch_size * cfg.engine.grad_accum * world / dt,
+                       "data_stall_frac": batches.wait / dt, "epoch": loader.epoch,
+                       **{k: float(v) for k, v in extra.items()}}
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                metrics["grad_norm"] = float(gn)
+            tracker.log(step, metrics)
+            if bar is not None:
+                bar.set_postfix(loss=f"{last_loss:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.max_steps:
+            tstate = {"step": step, "cells_seen": cells, "stream": loader.state_dict(),
+                      "mlflow_run_id": tracker.run_id}
+            checkpoint.save(engine, ckpt_root, step, tstate, {"export_meta.json": json.dumps(export_meta)},
+                            cfg.checkpoint.keep)
+    if bar is not None:
+        bar.close()
+    weights = full_state_dict(engine, cfg.engine.zero_stage)
+    result = {"step": step, "cells_seen": cells, "final_loss": last_loss, "run_dir": str(run_dir)}
+    if rank == 0:
+        if cfg.export_dir:
+            write_export(cfg.export_dir, weights, cfg.model.family, hparams_of(model), spec, vocab,
+                         {"steps": step, "cells_seen": cells, "corpus_manifest_sha256": export_meta["corpus_manifest_sha256"],
+                          "code_version": _git_rev(), "run": cfg.name})
+            tracker.artifact(Path(cfg.export_dir), "export")
+            result["export_dir"] = cfg.export_dir
+        png = plot_loss(tracker.metrics_path, run_dir / "loss_curve.png", f"{cfg.name}: training loss")
+        for art in (png, run_dir / "config.yaml", run_dir / "deepspeed_config.json", tracker.metrics_path):
+            if art:
+                tracker.artifact(art)
+        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    tracker.close()
+    dist.barrier()
+    return result
+
+
+def _manifest_hash(corpus: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((corpus / "manifest.json").read_bytes()).hexdigest()
+
+
+def _mean_across_ranks(t: torch.Tensor) -> float:
+    t = t.clone()
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _progress(cfg: RunConfig, rank: int, step: int):
+    if rank != 0 or not cfg.tracking.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=step, desc=f"pretrain {cfg.name}", unit="step", dynamic_ncols=True)
