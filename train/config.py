@@ -6,6 +6,7 @@ every run and logged as MLflow params.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads 1e-3 as text
+        return float(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
     if not isinstance(value, tp):
@@ -162,6 +165,17 @@ def _set_dotted(d: dict, dotted: str, value: Any) -> None:
     d[parts[-1]] = value
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar, plus the floats YAML 1.1 reads as strings (``3e-4``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    return value
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (optional) + ``key.sub=value`` overrides (values parsed as YAML) -> RunConfig.
 
@@ -180,7 +194,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"override {ov!r}: expected key=value (e.g. optim.lr=3e-4)")
         k, v = ov.split("=", 1)
         k = {"corpus": "data.corpus"}.get(k, k)
-        _set_dotted(raw, k, yaml.safe_load(v))
+        _set_dotted(raw, k, _parse_value(v))
     return from_dict(RunConfig, raw)
 
 

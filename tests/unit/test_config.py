@@ -1,0 +1,47 @@
+"""The typed config tree: unknown keys and wrong types name the key; every shipped config builds."""
+from pathlib import Path
+
+import pytest
+
+from scmodels.build import build_model
+from train.config import ConfigError, load_config, resolve_model_params
+from train.engine import deepspeed_config
+
+REPO = Path(__file__).resolve().parents[2]
+PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+
+
+def test_unknown_key_names_it(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.1\n  learning_rate: 0.2\n")
+    with pytest.raises(ConfigError, match=r"^optim\.learning_rate: unknown key"):
+        load_config(f)
+
+
+def test_wrong_type_names_it():
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: expected int, got str"):
+        load_config(None, ["data.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"^engine\.zero_stage: expected int, got bool"):
+        load_config(None, ["engine.zero_stage=true"])
+
+
+def test_overrides_and_corpus_shortcut():
+    cfg = load_config(REPO / "configs/pretrain/demo_mae.yaml", ["corpus=/x", "optim.lr=3e-4", "engine.zero_stage=3"])
+    assert cfg.data.corpus == "/x" and cfg.optim.lr == 3e-4 and cfg.engine.zero_stage == 3
+
+
+@pytest.mark.parametrize("path", PRETRAIN, ids=[p.stem for p in PRETRAIN])
+def test_every_pretrain_config_builds(path):
+    cfg = load_config(path)
+    params = {**resolve_model_params(cfg.model), "n_genes": 50}
+    model = build_model(cfg.model.family, params)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    ds = deepspeed_config(cfg, world_size=2, device_type="cpu")
+    assert ds["train_batch_size"] == cfg.data.batch_size * cfg.engine.grad_accum * 2
+    assert ds["zero_optimization"]["stage"] == cfg.engine.zero_stage
+    assert ds["bf16"]["enabled"] is False  # fp32 on CPU
+
+
+def test_preset_family_mismatch():
+    with pytest.raises(ConfigError, match="model.preset"):
+        resolve_model_params(load_config(None, ["model.family=performer", "model.preset=mae_tiny"]).model)
