@@ -220,6 +220,10 @@ class StreamingLoader:
         return self._state.to_dict()
 
     def load_state_dict(self, d: dict) -> None:
-        """Continue exactly after the cells the saved topology consumed (any world size/workers)."""
-        self._state = resume_state(StreamState.from_dict(d), self.n_cells)
+        """Continue exactly after the cells the saved topology consumed.
+
+        Same topology: the identical batch sequence continues (resume equivalence). Another world
+        size, worker count or batch size: exactly the cells not yet seen, re-dealt.
+        """
+        self._state = StreamState.from_dict(d)
         self._loader = None

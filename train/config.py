@@ -88,7 +88,8 @@ class TrackingConfig:
 class RunConfig:
     name: str = "run"
     out_dir: str = "demo_out/runs"
-    max_steps: int = 100
+    max_steps: int = 100  # the schedule's length
+    stop_at_step: int | None = None  # end this launch early (checkpointed, resumable): preemption drills
     seed: int = 0
     export_dir: str | None = None  # written at the end of training when set
     data: DataConfig = field(default_factory=DataConfig)

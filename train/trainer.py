@@ -133,7 +133,8 @@ def pretrain(cfg: RunConfig) -> dict:
     bar = _progress(cfg, rank, step)
     last_loss = float("nan")
     engine.train()
-    while step < cfg.max_steps:
+    stop_at = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    while step < stop_at:
         t0, batches.wait = time.perf_counter(), 0.0
         for micro in range(cfg.engine.grad_accum):
             batch = batches.next()
@@ -160,13 +161,17 @@ def pretrain(cfg: RunConfig) -> dict:
                 bar.set_postfix(loss=f"{last_loss:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.max_steps:
+        if step % cfg.checkpoint.every_steps == 0 or step == stop_at:
             tstate = {"step": step, "cells_seen": cells, "stream": loader.state_dict(),
                       "mlflow_run_id": tracker.run_id}
             checkpoint.save(engine, ckpt_root, step, tstate, {"export_meta.json": json.dumps(export_meta)},
                             cfg.checkpoint.keep)
     if bar is not None:
         bar.close()
+    if step < cfg.max_steps:  # stopped early on purpose: checkpointed, nothing to export
+        tracker.close()
+        dist.barrier()
+        return {"step": step, "cells_seen": cells, "final_loss": last_loss, "stopped_early": True}
     weights = full_state_dict(engine, cfg.engine.zero_stage)
     result = {"step": step, "cells_seen": cells, "final_loss": last_loss, "run_dir": str(run_dir)}
     if rank == 0:

@@ -1,0 +1,98 @@
+"""python -m sharding build | inspect | verify
+
+  python -m sharding build --source data/*.h5ad --source synthetic://cells=50000 --out corpus/ --format both
+  python -m sharding inspect corpus/
+  python -m sharding verify corpus/      # exit 0 and "OK", or 1 naming each bad shard
+
+Bad input prints one line, ``error: <message>``, on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sharding.errors import InputError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sharding", description="Build, inspect and verify corpora.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build a corpus from sources")
+    b.add_argument("--source", action="append", required=True, metavar="SPEC",
+                   help="an .h5ad path or glob, or "
+                        "synthetic://cells=N,genes=G,types=T,datasets=D,seed=S,density=F")
+    b.add_argument("--out", required=True, type=Path, metavar="DIR")
+    b.add_argument("--vocab", type=Path, metavar="FILE",
+                   help="vocab.tsv (gene_id<TAB>symbol); default: the union of the sources' genes")
+    b.add_argument("--format", default="zarr", choices=("zarr", "soma", "both"))
+    b.add_argument("--cells-per-shard", type=int, default=16_384, metavar="N")
+    b.add_argument("--keep-obs", default="", metavar="COL,COL",
+                   help="extra obs columns to keep (as strings)")
+    b.add_argument("--label-key", metavar="KEY", help="obs column copied into cell_type (default: cell_type)")
+    b.add_argument("--dataset-key", metavar="KEY",
+                   help="obs column copied into dataset_id (default: dataset_id, else the file name)")
+    b.add_argument("--matrix", metavar="X|raw|layer:NAME", help="which matrix holds counts (default: detect)")
+    b.add_argument("--min-genes", type=int, default=1, metavar="N",
+                   help="drop cells with fewer expressed vocabulary genes")
+    b.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
+                   help="refuse a source when fewer of its genes are in the vocabulary")
+    b.add_argument("--holdout", metavar="COL=VAL[,VAL]", help="mark matching cells split=holdout")
+    b.add_argument("--codec", default="zstd", choices=("zstd", "lz4", "blosc-zstd"))
+    b.add_argument("--allow-non-integer", action="store_true", help="accept non-integer (normalized) values")
+    b.add_argument("--overwrite", action="store_true", help="rebuild over an existing corpus")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    i = sub.add_parser("inspect", help="print a summary of a corpus")
+    i.add_argument("dir", type=Path)
+    v = sub.add_parser("verify", help="check a corpus against its manifest")
+    v.add_argument("dir", type=Path)
+    return p
+
+
+def _build(args: argparse.Namespace) -> int:
+    from sharding.build import BuildConfig, build
+
+    cfg = BuildConfig(
+        sources=args.source, out=args.out, vocab=args.vocab, format=args.format,
+        cells_per_shard=args.cells_per_shard, keep_obs=[c for c in args.keep_obs.split(",") if c],
+        label_key=args.label_key, dataset_key=args.dataset_key, matrix=args.matrix, min_genes=args.min_genes,
+        holdout=args.holdout, codec=args.codec, seed=args.seed, min_coverage=args.min_coverage,
+        allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
+        progress=False if args.no_progress else None)
+    build(cfg)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from sharding.check import verify
+
+    problems = verify(args.dir)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        return 1
+    print("OK")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from sharding.check import summarize
+
+    print(summarize(args.dir))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"build": _build, "inspect": _inspect, "verify": _verify}[args.command](args)
+    except InputError as exc:
+        print("error: " + " ".join(str(exc).splitlines()), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The corpus contract on disk: manifest.json, vocab.tsv and shard checksums.
+
+Both sides use this module: the builder writes through it and the loader reads
+through it, so a checksum or a path rule is defined exactly once.
+
+A corpus exists only once ``manifest.json`` exists: it is written last, to a
+temporary file that is fsynced and then renamed over the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from sharding.errors import InputError
+
+FORMAT_VERSION = 1
+TOOL = "scpretrain 0.1.0"
+MANIFEST = "manifest.json"
+MANIFEST_TMP = ".manifest.json.tmp"
+VOCAB = "vocab.tsv"
+VOCAB_HEADER = "gene_id\tsymbol"
+_HASH_BLOCK = 1 << 20
+
+
+def vocab_sha256(gene_ids: Iterable[str]) -> str:
+    """The vocabulary hash a model and a corpus must agree on: sha256 of the ids joined by newlines."""
+    return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
+
+
+def write_vocab(path: str | Path, genes: Iterable[tuple[str, str]]) -> None:
+    """Write vocab.tsv (header, then one ``gene_id<TAB>symbol`` row per model column)."""
+    lines = [VOCAB_HEADER] + [f"{gid}\t{sym}" for gid, sym in genes]
+    write_atomic(Path(path), ("\n".join(lines) + "\n").encode())
+
+
+def read_vocab(corpus_dir_or_file: str | Path) -> list[tuple[str, str]]:
+    """Read vocab.tsv (a corpus directory or the file itself) as [(gene_id, symbol)] in column order."""
+    path = Path(corpus_dir_or_file)
+    if path.is_dir():
+        path = path / VOCAB
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the vocabulary ({exc}); pass a vocab.tsv file") from None
+    if not lines or lines[0].strip() != VOCAB_HEADER:
+        raise InputError(f"{path}: first line must be the header 'gene_id<TAB>symbol'; add it")
+    genes: list[tuple[str, str]] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0]:
+            raise InputError(f"{path}: line {lineno} must be 'gene_id<TAB>symbol'; fix that line")
+        genes.append((fields[0], fields[1]))
+    if not genes:
+        raise InputError(f"{path}: the vocabulary has no genes; list one gene per line after the header")
+    ids = [g for g, _ in genes]
+    if len(set(ids)) != len(ids):
+        dups = _first_duplicates(ids)
+        n_dup = len(ids) - len(set(ids))
+        raise InputError(f"{path}: gene_id has {n_dup} duplicates (e.g. {', '.join(dups)}); "
+                         "each gene_id must appear once")
+    return genes
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, streamed so a large h5ad is not loaded."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_sha256(shard_dir: str | Path) -> str:
+    """Checksum of a Zarr shard's counts: every file under ``X/``, sorted by relative path.
+
+    Each file contributes its relative POSIX path, a NUL byte, then its bytes, so
+    renaming or deleting a chunk changes the checksum as surely as corrupting it.
+    """
+    root = Path(shard_dir) / "X"
+    if not root.is_dir():
+        raise InputError(f"{shard_dir}: no X/ directory; the shard is missing or incomplete "
+                         "(rebuild the corpus)")
+    h = hashlib.sha256()
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    for rel, p in files:
+        h.update(rel.encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(corpus_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    """Publish the corpus: write .manifest.json.tmp, fsync it, rename it to manifest.json."""
+    corpus = Path(corpus_dir)
+    data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    return write_atomic(corpus / MANIFEST, data, tmp=corpus / MANIFEST_TMP)
+
+
+def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
+    """Read and check a corpus manifest.
+
+    Raises InputError when the manifest is missing (the corpus is incomplete),
+    unreadable, of another format version, or names a path that is absolute or
+    resolves outside the corpus directory (a corpus must never reach outside itself).
+    """
+    corpus = Path(corpus_dir)
+    path = corpus / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{corpus}: no manifest.json; this is not a complete corpus "
+                         "(re-run `python -m sharding build`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable manifest ({exc}); rebuild the corpus") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: manifest must be a JSON object; rebuild the corpus")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: format_version is {version!r}, this tool reads {FORMAT_VERSION}; "
+                         "rebuild the corpus with this version")
+    for rel in manifest_paths(manifest):
+        resolve_inside(corpus, rel, field=f"{path}")
+    return manifest
+
+
+def manifest_paths(manifest: dict[str, Any]) -> list[str]:
+    """Every filesystem path a manifest names (all must be relative to the corpus)."""
+    paths = [manifest.get("vocab", {}).get("path", VOCAB)]
+    for shard in (manifest.get("zarr") or {}).get("shards", []):
+        paths.append(shard.get("path", ""))
+    if manifest.get("soma"):
+        paths.append(manifest["soma"].get("path", ""))
+    return paths
+
+
+def resolve_inside(corpus_dir: str | Path, rel: str, field: str = "manifest") -> Path:
+    """Resolve a manifest path, refusing absolute paths and any that escape the corpus directory."""
+    corpus = Path(corpus_dir).resolve()
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
+        raise InputError(f"{field}: path {rel!r} must be relative to the corpus directory; "
+                         "refusing a corpus that points outside itself")
+    target = (corpus / rel).resolve()
+    if target != corpus and corpus not in target.parents:
+        raise InputError(f"{field}: path {rel!r} resolves outside the corpus directory; "
+                         "refusing a corpus that points outside itself")
+    return target
+
+
+def write_atomic(path: Path, data: bytes, tmp: Path | None = None) -> Path:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never a torn one."""
+    # A reader must see the old file or the whole new one, never a torn write:
+    # fsync the temp file, rename it, then fsync the directory so the rename survives a crash.
+    tmp = tmp or path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def _first_duplicates(names: Iterable[str], limit: int = 5) -> list[str]:
+    seen: set[str] = set()
+    dups: list[str] = []
+    for name in names:
+        if name in seen and name not in dups:
+            dups.append(name)
+            if len(dups) >= limit:
+                break
+        seen.add(name)
+    return dups

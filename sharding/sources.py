@@ -1,0 +1,278 @@
+"""Source specs -> sources that yield row blocks of counts with their obs.
+
+Supported specs: a path to an ``.h5ad`` file or a glob of them (each file is one
+source), and ``synthetic://key=value,...`` (see ``synthetic.py``).
+
+h5ad files are read through h5py with anndata's element readers rather than
+``anndata.read_h5ad(backed="r")``: backed mode keeps X on disk but loads every
+layer (and all of obs) into memory, while here only the chosen matrix is sliced
+block by block and only the obs columns the build needs are read.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem, sparse_dataset
+
+from sharding.errors import InputError
+from sharding.synthetic import PREFIX as SYNTHETIC_PREFIX
+from sharding.synthetic import SyntheticAtlas, SyntheticParams
+from sharding.validate import ValueFaults
+from sharding.vocab import ID_COLUMNS, SYMBOL_COLUMNS, SourceGenes, Vocab
+
+_SAMPLE_ROWS = 2000  # rows inspected when auto-detecting which matrix holds counts
+_MAX_CSC_NNZ = 50_000_000  # a CSC matrix is converted in memory only up to this size
+
+
+@dataclass
+class Block:
+    """Rows [start, start + n) of one source: counts (source dtype, source genes) and obs."""
+
+    start: int
+    counts: sp.csr_matrix
+    obs: pd.DataFrame
+
+
+@dataclass
+class Source:
+    """What the build needs from any source; subclasses fill it and implement ``blocks``."""
+
+    spec: str
+    kind: str
+    path: Path | None
+    n_cells: int
+    genes: SourceGenes
+    matrix: str  # e.g. "X", "raw.X", "layers['counts']" (for messages and the manifest)
+    obs_columns: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def cell_ids(self) -> pd.Index | None:
+        """Source cell ids for the duplicate check; None when unique by construction."""
+        return None
+
+    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Cheap identity for resuming a build: size and mtime of the file."""
+        if self.path is None:
+            return {"spec": self.spec}
+        st = self.path.stat()
+        return {"spec": self.spec, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def close(self) -> None:
+        pass
+
+
+class SyntheticSource(Source):
+    def __init__(self, spec: str, vocab: Vocab | None):
+        params = SyntheticParams.parse(spec)
+        if vocab is not None:
+            if params.genes > len(vocab):
+                raise InputError(f"{spec}: genes={params.genes} but the vocabulary has only {len(vocab)} "
+                                 "genes; lower genes= or pass a larger --vocab")
+            ids, symbols = vocab.gene_ids[:params.genes], vocab.symbols[:params.genes]
+        else:
+            ids = [f"SYNG{j + 1:05d}" for j in range(params.genes)]
+            symbols = ids
+        super().__init__(spec=spec, kind="synthetic", path=None, n_cells=params.cells,
+                         genes=SourceGenes(list(ids), {"symbol": list(symbols)}), matrix="synthetic",
+                         obs_columns=["cell_type", "dataset_id", "donor_id"])
+        self.atlas = SyntheticAtlas(params)
+
+    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+        for start in range(0, self.n_cells, rows):
+            counts, obs = self.atlas.generate(start, start + rows)
+            yield Block(start, counts, obs[[c for c in columns if c in obs.columns]])
+
+
+class H5adSource(Source):
+    def __init__(self, path: Path, matrix_option: str | None):
+        self.file = _open_h5(path)
+        try:
+            obs_group = self.file["obs"]
+            self._obs_index_key = str(obs_group.attrs.get("_index", "_index"))
+            columns = [str(c) for c in obs_group.attrs.get("column-order", [])]
+            label, elem, var_group = self._pick_matrix(path, matrix_option)
+            self._matrix = _MatrixReader(path, label, elem)
+            var = read_elem(var_group)
+        except InputError:
+            self.file.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            self.file.close()
+            raise _unreadable(path, exc) from None
+        super().__init__(spec=str(path), kind="h5ad", path=path, n_cells=self._matrix.shape[0],
+                         genes=_source_genes(var), matrix=label, obs_columns=columns,
+                         notes=list(self._matrix.notes))
+        if len(self.genes.names) != self._matrix.shape[1]:
+            raise InputError(f"{path}: {label} has {self._matrix.shape[1]} columns but var has "
+                             f"{len(self.genes.names)} genes; re-export the file")
+        self.notes.insert(0, self._detect_note)
+
+    def cell_ids(self) -> pd.Index:
+        return pd.Index(self._read_obs_elem(self._obs_index_key)).astype(str)
+
+    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+        names = self.cell_ids()
+        obs = pd.DataFrame({c: self._read_obs_elem(c) for c in columns if c in self.obs_columns}, index=names)
+        for start in range(0, self.n_cells, rows):
+            stop = min(start + rows, self.n_cells)
+            yield Block(start, self._matrix.rows(start, stop), obs.iloc[start:stop])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _read_obs_elem(self, key: str) -> Any:
+        try:
+            return read_elem(self.file["obs"][key])
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{self.path}: cannot read obs['{key}'] ({exc}); the file is truncated or "
+                             "corrupt (re-export or re-download it)") from None
+
+    def _candidates(self) -> dict[str, tuple[str, Any, Any]]:
+        f, out = self.file, {}
+        if "X" in f:
+            out["X"] = ("X", f["X"], f["var"])
+        if "raw" in f and "X" in f["raw"]:
+            out["raw"] = ("raw.X", f["raw"]["X"], f["raw"]["var"])  # raw may hold more genes than X
+        for name in f.get("layers", {}):
+            out[f"layer:{name}"] = (f"layers['{name}']", f["layers"][name], f["var"])
+        return out
+
+    def _pick_matrix(self, path: Path, option: str | None) -> tuple[str, Any, Any]:
+        cands = self._candidates()
+        if not cands:
+            raise InputError(f"{path}: no count matrix (X, raw.X or layers); "
+                             "re-export the file with counts in X")
+        if option is not None:
+            if option not in cands:
+                raise InputError(f"{path}: --matrix {option} is not in the file; options: {', '.join(cands)}")
+            self._detect_note = f"{path}: counts from {cands[option][0]} (--matrix {option})"
+            return cands[option]
+        faults = {}
+        for key, (label, elem, _) in cands.items():
+            faults[key] = _sample_faults(path, label, elem)
+            if faults[key].is_clean():
+                self._detect_note = f"{path}: counts from {label} (auto-detected: non-negative integers)"
+                return cands[key]
+        if len(cands) == 1:
+            # one matrix only: use it and let the full validation name the exact fault and its count
+            (only,) = cands.values()
+            self._detect_note = f"{path}: counts from {only[0]} (the only matrix)"
+            return only
+        found = "; ".join(f"{cands[k][0]}: {faults[k].summary()} in the first rows" for k in cands)
+        raise InputError(f"{path}: no matrix holds non-negative integer counts ({found}); "
+                         f"pass --matrix with one of {', '.join(cands)}")
+
+
+class _MatrixReader:
+    """Row-block access to X, raw.X or a layer, whatever its on-disk encoding."""
+
+    def __init__(self, path: Path, label: str, elem: Any):
+        self.path, self.label, self.notes = path, label, []
+        if isinstance(elem, h5py.Dataset):
+            # dense on disk: accepted on purpose, each block is converted to CSR
+            self._dense, self.shape = elem, tuple(elem.shape)
+            self.notes.append(f"{path}: {label} is dense; converting each block to CSR")
+            return
+        self._dense = None
+        encoding = elem.attrs.get("encoding-type", "")
+        if encoding == "csr_matrix":
+            self._sparse = sparse_dataset(elem)
+        elif encoding == "csc_matrix":
+            nnz = elem["data"].shape[0]
+            if nnz > _MAX_CSC_NNZ:
+                raise InputError(f"{path}: {label} is stored as CSC ({nnz} non-zeros); row blocks need CSR "
+                                 "(convert with adata.X = adata.X.tocsr() and re-save)")
+            self._sparse = sparse_dataset(elem).to_memory().tocsr()
+            self.notes.append(f"{path}: {label} is CSC; converted to CSR in memory")
+        else:
+            raise InputError(f"{path}: {label} has encoding {encoding!r}; expected a CSR, CSC or dense "
+                             "matrix (re-export the file with anndata)")
+        self.shape = tuple(self._sparse.shape)
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        try:
+            if self._dense is not None:
+                return sp.csr_matrix(self._dense[start:stop])
+            return sp.csr_matrix(self._sparse[start:stop])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{self.path}: cannot read {self.label} rows {start}-{stop} ({exc}); the file "
+                             "is truncated or corrupt (re-export or re-download it)") from None
+
+
+def open_sources(specs: list[str], *, matrix: str | None, vocab: Vocab | None) -> list[Source]:
+    """Expand specs (globs -> one source per file) and open each; nothing is read beyond metadata."""
+    sources: list[Source] = []
+    try:
+        for spec in specs:
+            if spec.startswith(SYNTHETIC_PREFIX):
+                sources.append(SyntheticSource(spec, vocab))
+                continue
+            for path in _expand(spec):
+                sources.append(H5adSource(path, matrix))
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+    return sources
+
+
+def _expand(spec: str) -> list[Path]:
+    if "://" in spec:
+        raise InputError(f"{spec}: unsupported source scheme; use an .h5ad path or glob, or synthetic://...")
+    paths = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
+    paths = [p for p in paths if os.path.exists(p)]
+    if not paths:
+        raise InputError(f"{spec}: no file matches this source; pass an .h5ad path, a glob of them, "
+                         "or synthetic://cells=N,genes=G")
+    for p in paths:
+        if os.path.isdir(p):
+            raise InputError(f"{p}: is a directory; pass an .h5ad file (10x matrix.mtx directories are not "
+                             "supported yet: convert with scanpy.read_10x_mtx(...).write_h5ad(...))")
+    return [Path(p) for p in paths]
+
+
+def _open_h5(path: Path) -> h5py.File:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    missing = [k for k in ("obs", "var") if k not in f]
+    if missing:
+        f.close()
+        raise InputError(f"{path}: not an AnnData h5ad (missing {', '.join(missing)}); "
+                         "re-export it with anndata's write_h5ad")
+    return f
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return InputError(f"{path}: cannot read h5ad ({reason}); the file is truncated or not an h5ad "
+                      "(re-export or re-download it)")
+
+
+def _sample_faults(path: Path, label: str, elem: Any) -> ValueFaults:
+    reader = _MatrixReader(path, label, elem)
+    faults = ValueFaults()
+    block = reader.rows(0, min(_SAMPLE_ROWS, reader.shape[0]))
+    faults.add(block.data)
+    return faults
+
+
+def _source_genes(var: pd.DataFrame) -> SourceGenes:
+    columns = {}
+    for col in ID_COLUMNS + SYMBOL_COLUMNS:
+        if col in var.columns and (pd.api.types.is_string_dtype(var[col])
+                                   or isinstance(var[col].dtype, pd.CategoricalDtype)):
+            columns[col] = var[col].astype(str).tolist()
+    return SourceGenes(var.index.astype(str).tolist(), columns)

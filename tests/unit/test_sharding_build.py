@@ -1,0 +1,227 @@
+"""Corpus build round trips on tiny real data: h5ad -> Zarr shards + SOMA -> the same counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import tiledbsoma as soma
+
+from sharding import build as build_mod
+from sharding import manifest as mf
+from sharding.build import BuildConfig, build
+from sharding.check import summarize, verify
+from sharding.errors import InputError
+
+
+def _counts(rng: np.random.Generator, n: int, g: int, zero_rows: tuple[int, ...] = ()) -> sp.csr_matrix:
+    dense = rng.poisson(0.6, size=(n, g)).astype(np.float32)
+    dense[list(zero_rows)] = 0
+    return sp.csr_matrix(dense)
+
+
+def _source_a(tmp: Path) -> tuple[Path, sp.csr_matrix, list[str]]:
+    """300 cells x 40 genes, versioned Ensembl var_names with symbols in feature_name; 3 empty cells."""
+    rng = np.random.default_rng(1)
+    x = _counts(rng, 300, 40, zero_rows=(5, 17, 299))
+    ids = [f"ENSG{j:011d}.{j % 3 + 1}" for j in range(40)]
+    var = pd.DataFrame({"feature_name": [f"GENE{j}" for j in range(40)]}, index=ids)
+    obs = pd.DataFrame({"cell_type": rng.choice(["T", "B", "NK"], 300),
+                        "donor": rng.choice(["d1", "d2"], 300)},
+                       index=[f"a{i}" for i in range(300)])
+    path = tmp / "a.h5ad"
+    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    return path, x, [f"GENE{j}" for j in range(40)]
+
+
+def _source_b(tmp: Path) -> tuple[Path, sp.csr_matrix, list[str]]:
+    """200 cells; X normalized over 30 genes, raw.X = counts over 35 symbols (20 shared with A)."""
+    rng = np.random.default_rng(2)
+    symbols = [f"GENE{j}" for j in range(20, 40)] + [f"NEW{j}" for j in range(15)]
+    raw_x = _counts(rng, 200, 35)
+    obs = pd.DataFrame({"cell_type": rng.choice(["T", "Mono"], 200), "dataset_id": "b_set",
+                        "donor": rng.choice(["d3"], 200)}, index=[f"b{i}" for i in range(200)])
+    raw = ad.AnnData(X=raw_x, obs=obs, var=pd.DataFrame(index=symbols))
+    norm = raw[:, :30].copy()
+    norm.X = sp.csr_matrix(np.log1p(norm.X.toarray() / 3.0).astype(np.float32))
+    norm.raw = raw
+    path = tmp / "b.h5ad"
+    norm.write_h5ad(path)
+    return path, raw_x, symbols
+
+
+def _expected(sources: list[tuple[sp.csr_matrix, list[str]]], vocab_symbols: list[str]) -> np.ndarray:
+    """Dense (cells x vocab) counts in cell_id order, dropping all-zero cells, mapped by symbol."""
+    col = {s: j for j, s in enumerate(vocab_symbols)}
+    rows = []
+    for x, symbols in sources:
+        dense = x.toarray()
+        out = np.zeros((dense.shape[0], len(vocab_symbols)), dtype=np.float32)
+        out[:, [col[s] for s in symbols]] = dense
+        rows.append(out[dense.sum(axis=1) > 0])
+    return np.vstack(rows)
+
+
+def _zarr_counts(corpus: Path, manifest: dict) -> tuple[np.ndarray, list[np.ndarray]]:
+    dense = np.zeros((manifest["n_cells"], manifest["n_genes"]), dtype=np.float32)
+    ids_per_shard = []
+    for shard in manifest["zarr"]["shards"]:
+        a = ad.read_zarr(corpus / shard["path"])
+        assert sp.issparse(a.X) and a.X.dtype == np.float32 and a.X.nnz == shard["nnz"]
+        ids = a.obs["cell_id"].to_numpy()
+        assert a.obs.index.tolist() == [str(i) for i in ids]
+        dense[ids] = a.X.toarray()
+        ids_per_shard.append(ids)
+    return dense, ids_per_shard
+
+
+def test_round_trip_h5ad_to_zarr_and_soma(tmp_path: Path) -> None:
+    a, xa, sym_a = _source_a(tmp_path)
+    b, xb, sym_b = _source_b(tmp_path)
+    out = tmp_path / "corpus"
+    lines: list[str] = []
+    m = build(BuildConfig(sources=[str(a), str(b)], out=out, format="both", cells_per_shard=128,
+                          keep_obs=["donor"], holdout="cell_type=Mono", progress=False), log=lines.append)
+    log = "\n".join(lines)
+    assert "counts from raw.X" in log and "counts from X" in log
+
+    genes = mf.read_vocab(out)
+    assert [g for g, _ in genes[:3]] == ["ENSG00000000000", "ENSG00000000001", "ENSG00000000002"]
+    assert len(genes) == 55 and m["n_genes"] == 55  # 40 from a, 15 new symbols from b
+    assert m["vocab"]["sha256"] == mf.vocab_sha256([g for g, _ in genes])
+    vocab_symbols = [s for _, s in genes]
+    expected = _expected([(xa, sym_a), (xb, sym_b)], vocab_symbols)
+    assert m["n_cells"] == 497 and m["nnz"] == int(np.count_nonzero(expected))
+
+    dense, ids_per_shard = _zarr_counts(out, m)
+    np.testing.assert_array_equal(dense, expected)
+    assert len(ids_per_shard) == 4 and sorted(np.concatenate(ids_per_shard).tolist()) == list(range(497))
+    for ids in ids_per_shard:  # pre-shuffled: each shard mixes both sources, in no particular order
+        assert (ids < 297).any() and (ids >= 297).any() and not np.all(np.diff(ids) > 0)
+
+    with soma.Experiment.open(str(out / "soma")) as exp:
+        obs = exp.obs.read().concat().to_pandas()
+        tbl = exp.ms["RNA"].X["raw"].read().tables().concat()
+        var = exp.ms["RNA"].var.read().concat().to_pandas()
+    ij = (tbl["soma_dim_0"].to_numpy(), tbl["soma_dim_1"].to_numpy())
+    coo = sp.coo_matrix((tbl["soma_data"].to_numpy(), ij), shape=(497, 55)).toarray()
+    order = obs.sort_values("soma_joinid")["cell_id"].to_numpy()
+    np.testing.assert_array_equal(coo, expected[order])
+    np.testing.assert_array_equal(order, np.concatenate(ids_per_shard))  # same shuffled order as the shards
+    assert var["gene_id"].tolist() == [g for g, _ in genes]
+
+    assert m["obs_columns"] == ["cell_id", "dataset_id", "cell_type", "source", "split", "donor"]
+    assert m["datasets"] == {"a": 297, "b_set": 200}
+    assert m["splits"]["holdout"]["n_cells"] == int((obs["cell_type"] == "Mono").sum())
+    assert set(obs.loc[obs["split"] == "holdout", "cell_type"]) == {"Mono"}
+    src_a, src_b = m["sources"]
+    assert src_a["n_dropped_min_genes"] == 3 and src_a["n_cells_kept"] == 297 and src_b["matrix"] == "raw.X"
+    assert src_a["sha256"] == mf.file_sha256(a) and src_b["gene_coverage"] == 1.0
+    assert not (out / ".build").exists() and verify(out) == []
+    assert "cells 497" in summarize(out)
+
+
+def test_synthetic_build_is_deterministic_and_balanced(tmp_path: Path) -> None:
+    cfg = dict(sources=["synthetic://cells=1000,genes=60,types=4,datasets=2,density=0.3"],
+               cells_per_shard=300, progress=False)
+    m1 = build(BuildConfig(out=tmp_path / "c1", **cfg), log=lambda s: None)
+    m2 = build(BuildConfig(out=tmp_path / "c2", **cfg), log=lambda s: None)
+    assert [s["n_cells"] for s in m1["zarr"]["shards"]] == [250, 250, 250, 250]  # capacities, no drops here
+    assert [s["sha256"] for s in m1["zarr"]["shards"]] == [s["sha256"] for s in m2["zarr"]["shards"]]
+    m3 = build(BuildConfig(out=tmp_path / "c3", **{**cfg, "seed": 1}), log=lambda s: None)
+    assert [s["sha256"] for s in m1["zarr"]["shards"]] != [s["sha256"] for s in m3["zarr"]["shards"]]
+    assert m1["soma"] is None and m1["format_version"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3")
+def test_synthetic_uses_vocab_gene_ids(tmp_path: Path) -> None:
+    vocab = tmp_path / "vocab.tsv"
+    mf.write_vocab(vocab, [(f"ENSG{j:011d}", f"SYM{j}") for j in range(80)])
+    m = build(BuildConfig(sources=["synthetic://cells=100,genes=50"], out=tmp_path / "c", vocab=vocab,
+                          codec="lz4", progress=False), log=lambda s: None)
+    assert m["n_genes"] == 80 and m["sources"][0]["vocab_coverage"] == pytest.approx(50 / 80)
+    a = ad.read_zarr(tmp_path / "c" / m["zarr"]["shards"][0]["path"])
+    assert a.var_names[0] == "ENSG00000000000" and a.X[:, 50:].nnz == 0 and a.X.nnz > 0
+
+
+def _shard_arrays(corpus: Path) -> Path:
+    return corpus / "zarr" / "shard-00001.zarr" / "X" / "data" / "c"
+
+
+def test_verify_detects_deleted_and_corrupted_chunks(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    build(BuildConfig(sources=["synthetic://cells=2000,genes=200"], out=out, cells_per_shard=1000,
+                      progress=False), log=lambda s: None)
+    assert verify(out) == []
+    chunk = _shard_arrays(out) / "0"
+    original = chunk.read_bytes()
+    chunk.write_bytes(original[:-7] + b"garbage")
+    problems = verify(out)
+    assert problems and all(p.startswith("zarr/shard-00001.zarr:") for p in problems)
+    assert any("checksum" in p for p in problems)
+    chunk.unlink()
+    problems = verify(out)
+    assert any("X/data is missing 1 of" in p for p in problems)
+    chunk.write_bytes(original)
+    assert verify(out) == []
+
+
+def test_resume_after_crash_keeps_finished_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "c"
+    cfg = BuildConfig(sources=["synthetic://cells=1500,genes=80,density=0.3"], out=out, cells_per_shard=500,
+                      format="both", progress=False)
+    real_write, calls = build_mod.zarr_store.write_shard, []
+
+    def crash_on_third(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(build_mod.zarr_store, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg, log=lambda s: None)
+    assert not (out / "manifest.json").exists() and (out / ".build" / "pass1.json").exists()
+    finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "zarr").glob("*.zarr"))}
+    assert len(finished) == 2
+
+    monkeypatch.setattr(build_mod.zarr_store, "write_shard", real_write)
+    lines: list[str] = []
+    m = build(cfg, log=lines.append)
+    assert any("resuming" in line for line in lines)
+    for p, stamp in finished.items():
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp  # not rewritten
+    assert verify(out) == [] and m["n_cells"] == 1500
+
+    fresh = build(BuildConfig(**{**cfg.__dict__, "out": tmp_path / "fresh"}), log=lambda s: None)
+    assert [s["sha256"] for s in fresh["zarr"]["shards"]] == [s["sha256"] for s in m["zarr"]["shards"]]
+
+
+def test_existing_corpus_needs_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    cfg = BuildConfig(sources=["synthetic://cells=50,genes=20,density=0.5"], out=out, progress=False)
+    build(cfg, log=lambda s: None)
+    with pytest.raises(InputError, match="already holds a complete corpus"):
+        build(cfg, log=lambda s: None)
+    build(BuildConfig(**{**cfg.__dict__, "overwrite": True}), log=lambda s: None)
+    assert json.loads((out / "manifest.json").read_text())["n_cells"] == 50
+
+
+def test_soma_only_with_holdout_on_a_source_column(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    m = build(BuildConfig(sources=["synthetic://cells=400,genes=50,datasets=2,density=0.3"], out=out,
+                          format="soma", cells_per_shard=150, holdout="donor_id=synthetic_1_donor_0",
+                          progress=False), log=lambda s: None)
+    assert m["zarr"] is None and not (out / "zarr").exists() and verify(out) == []
+    with soma.Experiment.open(str(out / "soma")) as exp:
+        obs = exp.obs.read().concat().to_pandas()
+    assert "donor_id" not in obs.columns  # used for the split, not kept
+    assert sorted(obs["soma_joinid"]) == list(range(400)) and sorted(obs["cell_id"]) == list(range(400))
+    assert m["splits"]["holdout"] == {"by": "donor_id", "values": ["synthetic_1_donor_0"],
+                                      "n_cells": int((obs["split"] == "holdout").sum())}
+    assert 0 < m["splits"]["holdout"]["n_cells"] < 200
