@@ -33,6 +33,12 @@ def vocab_sha256(gene_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
 
 
+def _alias(key: str) -> bool:
+    """performer-pytorch registers every layer twice (``net`` and ``proj_updater.instance``);
+    the export keeps one copy (safetensors refuses shared tensors, and it halves the file)."""
+    return ".proj_updater.instance." in key
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -84,8 +90,8 @@ def write_export(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
-               if v.is_floating_point() else v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tensors = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()
+               for k, v in state_dict.items() if not _alias(k)}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_family": family})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "vocab.tsv").write_text("gene_id\tsymbol\n" + "".join(f"{g}\t{s}\n" for g, s in vocab))

@@ -17,6 +17,16 @@ def default_tracking_uri(cfg: RunConfig) -> str:
     return cfg.tracking.mlflow_uri or f"sqlite:///{(Path(cfg.out_dir).resolve().parent / 'mlflow.db')}"
 
 
+def _experiment(mlflow, cfg: RunConfig) -> None:
+    """Select the experiment; a new one stores artifacts beside the local store, not in the CWD."""
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        loc = None
+        if cfg.tracking.mlflow_uri is None:
+            loc = (Path(cfg.out_dir).resolve().parent / "mlartifacts").as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=loc)
+    mlflow.set_experiment(cfg.tracking.experiment)
+
+
 class Tracker:
     """Writes ``metrics.jsonl`` and logs to MLflow. Inactive (no-op) on ranks other than 0."""
 
@@ -34,7 +44,7 @@ class Tracker:
         self.metrics_path = run_dir / "metrics.jsonl"
         self._file = open(self.metrics_path, "a")
         mlflow.set_tracking_uri(default_tracking_uri(cfg))
-        mlflow.set_experiment(cfg.tracking.experiment)
+        _experiment(mlflow, cfg)
         run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.name)
         self.run_id = run.info.run_id
         if not run_id:
