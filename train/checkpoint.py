@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train import faults
+
 MARKER = "COMMITTED"
 TRAINER_STATE = "trainer_state.json"
 
@@ -72,6 +74,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[s
     ok = True
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        faults.maybe_kill("kill_in_save", rank, step)
         if rank == 0:
             for name, text in {TRAINER_STATE: json.dumps(trainer_state), **extra_files}.items():
                 _atomic_write(root / tag / name, text)

@@ -40,14 +40,29 @@ class ModelConfig:
     preset: str | None = None  # a file in configs/model/ (without .yaml), applied before params
     params: dict[str, Any] = field(default_factory=dict)  # hyperparameters (n_genes comes from the corpus)
     gene_embedding: str | None = None  # Performer: gene2vec file (.npy + .genes.txt, or word2vec text)
+    gene_embedding_genes: str | None = None  # gene list of a .npy embedding (default: <stem>.genes.txt)
+    # A file width other than params.dim: "random" projects it once by a fixed seeded matrix,
+    # "learned" keeps the full width and trains a Linear(width -> dim) (GenePT-style text embeddings).
+    gene_embedding_projection: str = "random"
 
 
 @dataclass
 class ObjectiveConfig:
-    mask_prob: float | None = None  # default: 0.5 (MAE random masking), 0.15 (Performer masked bins)
+    # auto: random_mask (mae) or masked_bins (performer). MAE: random_mask | gene_programme |
+    # isolated | byol | barlow. Performer: masked_bins.
+    kind: str = "auto"
+    # default: 0.5 (random_mask), 0.15 (masked_bins), 0.2 (byol/barlow: masking of each view)
+    mask_prob: float | None = None
     keep_prob: float = 0.1  # Performer: share of masked positions left unchanged instead of [MASK]
     # The MAE reference divided the masked-entry loss by all entries; True restores that.
     reference_loss_divisor: bool = False
+    gmt: str | None = None  # gene_programme / isolated: gene sets (name<TAB>description<TAB>gene...)
+    programme_mask_rate: float = 0.25  # gene_programme: share of programmes masked per batch
+    nb_dispersion: float = 10.0  # byol/barlow: NB noise inverse dispersion theta (var = mu + mu^2/theta); 0: off
+    ema_decay: float = 0.99  # byol: target <- decay * target + (1 - decay) * online, after each optimizer step
+    lambda_barlow: float = 0.0051  # barlow: weight of the off-diagonal cross-correlation terms
+    proj_hidden: int = 512  # byol/barlow projector hidden width (and BYOL predictor's)
+    proj_dim: int = 128  # byol/barlow projection width
 
 
 @dataclass
@@ -82,6 +97,7 @@ class TrackingConfig:
     experiment: str = "scpretrain"
     log_every: int = 5
     progress: bool = True
+    system_metrics: bool = True  # MLflow's CPU/GPU/memory sampling (rank 0)
 
 
 @dataclass

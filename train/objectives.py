@@ -1,11 +1,141 @@
-"""Pretraining objectives. Masks are drawn from an explicit generator so that a step's mask
-depends only on (seed, rank, step): resume is exact without saving mask RNG state."""
+"""Pretraining objectives, their masks and augmentations, held-out metrics, and the EMA hook.
+
+Every random draw comes from an explicit generator, so a step's masks and noise depend only on
+(seed, rank, step): resume is exact without saving mask RNG state. Dropout uses the global RNG,
+which the trainer seeds per step.
+
+``objective_step`` (training) and ``evaluate_batch`` (held-out metrics) take the model or the
+DeepSpeed engine, the run config, the inputs of ``data_loader.model_inputs`` (``x``,
+``expressed``; ``library_size`` for the contrastive noise) and a generator. ``after_step`` must be
+called after every ``engine.step()``: it moves the BYOL target and is a no-op otherwise.
+"""
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from scmodels.performer import MASK_TOKEN
+
+KINDS = ("auto", "masked_bins", "random_mask", "gene_programme", "isolated", "byol", "barlow")
+FAMILY_KINDS = {"mae": ("random_mask", "gene_programme", "isolated", "byol", "barlow"), "performer": ("masked_bins",)}
+CONTRASTIVE = ("byol", "barlow")
+_DEFAULT_MASK_PROB = {"random_mask": 0.5, "masked_bins": 0.15, "byol": 0.2, "barlow": 0.2}
+
+
+def resolve_kind(family: str, kind: str) -> str:
+    """``auto`` -> the family's reference objective; a kind the family cannot train is an error."""
+    if kind == "auto":
+        return "masked_bins" if family == "performer" else "random_mask"
+    if kind not in KINDS:
+        raise ValueError(f"objective.kind: {kind!r} is not one of {', '.join(KINDS)}")
+    if kind not in FAMILY_KINDS.get(family, ()):
+        raise ValueError(f"objective.kind: {kind!r} does not apply to model.family={family!r}; "
+                         f"use one of {', '.join(FAMILY_KINDS[family])} (or auto)")
+    return kind
+
+
+def mask_prob_for(kind: str, mask_prob: float | None) -> float:
+    return _DEFAULT_MASK_PROB.get(kind, 0.0) if mask_prob is None else mask_prob
+
+
+# ---- gene programmes ---------------------------------------------------------------------------
+
+@dataclass
+class Programmes:
+    """Gene sets as vocabulary columns: ``genes`` (flat) with ``owner`` (programme of each entry)."""
+
+    names: list[str]
+    genes: torch.Tensor  # long [nnz]
+    owner: torch.Tensor  # long [nnz]
+    n_genes: int
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to(self, device: torch.device | str) -> "Programmes":
+        return Programmes(self.names, self.genes.to(device), self.owner.to(device), self.n_genes)
+
+    def columns(self, chosen: torch.Tensor) -> torch.Tensor:
+        """bool [G]: the genes of the programmes where ``chosen`` (bool [P]) is True."""
+        out = torch.zeros(self.n_genes, dtype=torch.bool, device=self.genes.device)
+        return out.index_fill_(0, self.genes[chosen[self.owner]], True)
+
+
+def read_gmt(path: str | Path) -> list[tuple[str, list[str]]]:
+    """GMT: one gene set a line, ``name<TAB>description<TAB>gene1<TAB>gene2...``."""
+    sets = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) < 3:
+            raise ValueError(f"{path}: line {lineno} has {len(parts)} tab-separated fields; a GMT line is "
+                             "name<TAB>description<TAB>gene1<TAB>gene2...")
+        sets.append((parts[0], [g.strip() for g in parts[2:] if g.strip()]))
+    if not sets:
+        raise ValueError(f"{path}: no gene sets; objective.gmt must name a GMT file")
+    return sets
+
+
+def load_programmes(path: str | Path, vocab: "list[tuple[str, str]]") -> Programmes:
+    """Map a GMT file's gene names to vocabulary columns (by id or symbol, whichever matches more);
+    programmes with no gene in the vocabulary are dropped."""
+    from train.gene_embedding import align_names
+
+    sets = read_gmt(path)
+    names_flat = sorted({g for _, genes in sets for g in genes})
+    col_of_row, _ = align_names(names_flat, vocab)
+    col_of_name = {names_flat[r]: c for c, r in enumerate(col_of_row.tolist()) if r >= 0}
+    keep, genes, owner = [], [], []
+    for name, members in sets:
+        cols = sorted({col_of_name[g] for g in members if g in col_of_name})
+        if cols:
+            owner += [len(keep)] * len(cols)
+            genes += cols
+            keep.append(name)
+    if not keep:
+        raise ValueError(f"{path}: no gene of any programme is in the vocabulary; use gene sets named by the "
+                         "corpus's gene ids or symbols")
+    return Programmes(keep, torch.tensor(genes, dtype=torch.long), torch.tensor(owner, dtype=torch.long), len(vocab))
+
+
+@functools.lru_cache(maxsize=4)
+def _programmes_cached(gmt: str, corpus: str, device: str) -> Programmes:
+    from sharding.manifest import read_vocab
+
+    return load_programmes(gmt, read_vocab(corpus)).to(device)
+
+
+def programme_mask(progs: Programmes, gen: torch.Generator, rate: float) -> torch.Tensor:
+    """bool [G], True = masked: ``int(P * rate)`` programmes (at least one) drawn without
+    replacement, every gene of each masked; one mask for the whole batch (the reference's)."""
+    k = max(1, int(len(progs) * rate))
+    chosen = torch.zeros(len(progs), dtype=torch.bool, device=progs.genes.device)
+    chosen[torch.randperm(len(progs), generator=gen, device=gen.device)[:k].to(chosen.device)] = True
+    return progs.columns(chosen)
+
+
+def isolated_keep(progs: Programmes, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """bool [G], True = kept: the genes of one programme drawn uniformly; everything else is masked."""
+    i = int(torch.randint(len(progs), (1,), generator=gen, device=gen.device))
+    chosen = torch.zeros(len(progs), dtype=torch.bool, device=progs.genes.device)
+    chosen[i] = True
+    return progs.columns(chosen), i
+
+
+# ---- masked reconstruction ---------------------------------------------------------------------
+
+def masked_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               reference_divisor: bool = False) -> torch.Tensor:
+    """Squared error summed over masked entries, divided by their number (or, as the reference
+    code did, by all entries)."""
+    mask = mask.expand_as(target)
+    sq = (recon.float() - target.float()) ** 2 * mask
+    return sq.sum() / (mask.numel() if reference_divisor else mask.sum().clamp_min(1))
 
 
 def mae_random_mask(model, x: torch.Tensor, gen: torch.Generator, mask_prob: float,
@@ -16,11 +146,40 @@ def mae_random_mask(model, x: torch.Tensor, gen: torch.Generator, mask_prob: flo
     """
     mask = torch.rand(x.shape, generator=gen, device=x.device) < mask_prob
     inp = x.masked_fill(mask, 0.0) / (1.0 - mask_prob)
-    recon = model(inp)
-    sq = (recon.float() - x) ** 2 * mask
-    denom = mask.numel() if reference_divisor else mask.sum().clamp_min(1)
-    loss = sq.sum() / denom
+    loss = masked_mse(model(inp), x, mask, reference_divisor)
     return loss, {"masked_frac": mask.float().mean().detach()}
+
+
+def mae_gene_mask(model, x: torch.Tensor, masked: torch.Tensor, rescale: bool,
+                  reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
+    """Mask the genes where ``masked`` (bool [G]) in every cell and reconstruct them. ``rescale``
+    multiplies kept inputs by 1/(1 - masked share), as random masking does."""
+    frac = masked.float().mean()
+    inp = x.masked_fill(masked, 0.0)
+    if rescale:
+        inp = inp / (1.0 - frac).clamp_min(1e-3)
+    loss = masked_mse(model(inp), x, masked, reference_divisor)
+    return loss, {"masked_frac": frac.detach()}
+
+
+def mae_gene_programme(model, x, gen, progs: Programmes, rate: float, reference_divisor: bool = False):
+    return mae_gene_mask(model, x, programme_mask(progs, gen, rate), True, reference_divisor)
+
+
+def mae_isolated(model, x, gen, progs: Programmes, reference_divisor: bool = False):
+    """Keep one programme, reconstruct every other gene. No rescale: the input is one programme,
+    not a thinned cell, and 1/(1 - masked share) would multiply it a hundredfold."""
+    keep, _ = isolated_keep(progs, gen)
+    return mae_gene_mask(model, x, ~keep, False, reference_divisor)
+
+
+def _bins_mask(tokens, expressed, gen, mask_prob, keep_prob):
+    G = expressed.shape[1]
+    chosen = (torch.rand(expressed.shape, generator=gen, device=tokens.device) < mask_prob) & expressed
+    keep = torch.rand(expressed.shape, generator=gen, device=tokens.device) < keep_prob
+    inp = tokens.clone()
+    inp[:, :G] = torch.where(chosen & ~keep, torch.full_like(tokens[:, :G], MASK_TOKEN), tokens[:, :G])
+    return inp, chosen
 
 
 def performer_masked_bins(model, tokens: torch.Tensor, expressed: torch.Tensor, gen: torch.Generator,
@@ -28,19 +187,213 @@ def performer_masked_bins(model, tokens: torch.Tensor, expressed: torch.Tensor, 
     """Mask ``mask_prob`` of the expressed genes; of those, ``keep_prob`` stay unchanged and the
     rest become [MASK]. Cross-entropy over the masked positions only."""
     G = expressed.shape[1]
-    r = torch.rand(expressed.shape, generator=gen, device=tokens.device)
-    chosen = (r < mask_prob) & expressed
-    keep = torch.rand(expressed.shape, generator=gen, device=tokens.device) < keep_prob
-    inp = tokens.clone()
-    inp[:, :G] = torch.where(chosen & ~keep, torch.full_like(tokens[:, :G], MASK_TOKEN), tokens[:, :G])
+    inp, chosen = _bins_mask(tokens, expressed, gen, mask_prob, keep_prob)
     logits = model(inp)[:, :G]
     target = tokens[:, :G][chosen]
     if target.numel() == 0:  # no expressed gene drawn: a zero loss that still touches every weight
         return logits.sum() * 0.0, {"masked_acc": torch.tensor(0.0), "masked_frac": torch.tensor(0.0)}
     pred = logits[chosen]
     loss = F.cross_entropy(pred.float(), target)
-    acc = (pred.argmax(-1) == target).float().mean()
-    return loss, {"masked_acc": acc.detach(), "masked_frac": chosen.float().mean().detach()}
+    return loss, {"masked_acc": masked_accuracy(pred, target).detach(), "masked_frac": chosen.float().mean().detach()}
+
+
+# ---- contrastive -------------------------------------------------------------------------------
+
+def nb_noise(x: torch.Tensor, library_size: torch.Tensor | None, theta: float, gen: torch.Generator,
+             target_sum: float = 1e4) -> torch.Tensor:
+    """Resample a log1p-normalized batch with negative-binomial noise and re-preprocess it.
+
+    Counts are recovered exactly as expm1(x) * library_size / target_sum, then drawn from
+    NB(mean = count, var = mean + mean^2 / theta) as a Gamma-Poisson mixture, normalized to
+    ``target_sum`` and log1p'd again. Without ``library_size`` the normalized values are taken as
+    the counts (depth ``target_sum``), which understates the Poisson noise of shallower cells.
+    (The reference added log1p-normalized NB draws that ignore the cell's own counts.)
+    """
+    scale = (library_size.float() / target_sum)[:, None] if library_size is not None else 1.0
+    mu = torch.expm1(x.float()).clamp_min(0) * scale
+    if theta > 0:
+        g = torch._standard_gamma(torch.full_like(mu, theta), generator=gen)
+        mu = g * (mu / theta)
+    counts = torch.poisson(mu, generator=gen)
+    totals = counts.sum(1, keepdim=True).clamp_min(1e-12)
+    return torch.log1p(counts * (target_sum / totals)).to(x.dtype)
+
+
+def augment(x: torch.Tensor, library_size: torch.Tensor | None, gen: torch.Generator, mask_prob: float,
+            theta: float) -> torch.Tensor:
+    """One view: NB noise (``theta`` > 0), then random masking of ``mask_prob`` of the entries with
+    kept entries rescaled by 1/(1-p)."""
+    v = nb_noise(x, library_size, theta, gen) if theta > 0 else x
+    if mask_prob > 0:
+        m = torch.rand(x.shape, generator=gen, device=x.device) < mask_prob
+        v = v.masked_fill(m, 0.0) / (1.0 - mask_prob)
+    return v
+
+
+def byol_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Symmetric BYOL: (2 - 2 cos(p1, t2)) + (2 - 2 cos(p2, t1)), mean over cells; targets carry no gradient."""
+    def one(p, t):
+        return 2 - 2 * F.cosine_similarity(p.float(), t.detach().float(), dim=-1)
+
+    return (one(out["p1"], out["t2"]) + one(out["p2"], out["t1"])).mean()
+
+
+def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float, eps: float = 1e-5) -> torch.Tensor:
+    """Barlow twins: cross-correlation C of the batch-standardized projections; sum (1 - C_ii)^2 +
+    lam * sum_{i != j} C_ij^2. Per rank (the reference did not all-reduce C either)."""
+    def std(z):
+        z = z.float()
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+    c = std(z1).T @ std(z2) / z1.shape[0]
+    diag = torch.diagonal(c)
+    return ((diag - 1) ** 2).sum() + lam * ((c**2).sum() - (diag**2).sum())
+
+
+def contrastive_step(model, kind: str, x: torch.Tensor, library_size: torch.Tensor | None,
+                     gen: torch.Generator, mask_prob: float, theta: float, lam: float) -> tuple[torch.Tensor, dict]:
+    """Two augmented views through a ``ContrastiveMAE`` (or the engine wrapping one)."""
+    v1 = augment(x, library_size, gen, mask_prob, theta)
+    v2 = augment(x, library_size, gen, mask_prob, theta)
+    out = model(v1, v2)
+    if kind == "byol":
+        loss = byol_loss(out)
+    else:
+        loss = barlow_loss(out["z1"], out["z2"], lam)
+    with torch.no_grad():
+        cos = F.cosine_similarity(out["z1"].float(), out["z2"].float(), dim=-1).mean()
+    return loss, {"view_cos": cos}
+
+
+def after_step(model) -> None:
+    """Call after every ``engine.step()`` (every micro-batch; it checks the boundary itself).
+
+    Moves the BYOL target toward the online network when the optimizer really stepped (DeepSpeed's
+    ``was_step_applied``: false between accumulation boundaries and on skipped steps). Identical on
+    every rank (the online weights are). Under ZeRO-3 the online weights are gathered for the
+    update. A no-op for every other objective.
+    """
+    if hasattr(model, "was_step_applied") and not model.was_step_applied():
+        return
+    module = getattr(model, "module", model)
+    if getattr(module, "target", None) is None:
+        return
+    params = list(module.online().parameters())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            module.update_target()
+    else:
+        module.update_target()
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+def programmes_for(cfg, device: torch.device | str) -> Programmes:
+    if not cfg.objective.gmt:
+        raise ValueError(f"objective.gmt: objective.kind={cfg.objective.kind!r} needs a GMT file of gene programmes")
+    return _programmes_cached(str(cfg.objective.gmt), str(cfg.data.corpus), str(device))
+
+
+def objective_step(model, cfg, inputs: dict, gen: torch.Generator,
+                   programmes: Programmes | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of ``cfg.objective.kind`` on one micro-batch, and scalar extras to log."""
+    o, x = cfg.objective, inputs["x"]
+    kind = resolve_kind(cfg.model.family, o.kind)
+    p = mask_prob_for(kind, o.mask_prob)
+    if kind == "masked_bins":
+        return performer_masked_bins(model, x, inputs["expressed"], gen, p, o.keep_prob)
+    if kind == "random_mask":
+        return mae_random_mask(model, x, gen, p, o.reference_loss_divisor)
+    if kind in ("gene_programme", "isolated"):
+        progs = programmes if programmes is not None else programmes_for(cfg, x.device)
+        if kind == "isolated":
+            return mae_isolated(model, x, gen, progs, o.reference_loss_divisor)
+        return mae_gene_programme(model, x, gen, progs, o.programme_mask_rate, o.reference_loss_divisor)
+    if getattr(getattr(model, "module", model), "head_cfg", None) is None:
+        raise ValueError(f"objective.kind={kind!r} needs the contrastive model build_model_for makes "
+                         "(scmodels.contrastive.ContrastiveMAE)")
+    return contrastive_step(model, kind, x, inputs.get("library_size"), gen, p, o.nb_dispersion, o.lambda_barlow)
+
+
+# ---- held-out metrics (pure functions) ---------------------------------------------------------
+
+def masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == target).float().mean()
+
+
+def pearson_r(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.float().flatten(), b.float().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12)
+
+
+def alignment(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """Wang & Isola: mean squared distance between the L2-normalized embeddings of two views (lower: better)."""
+    f1, f2 = F.normalize(f1.float(), dim=-1), F.normalize(f2.float(), dim=-1)
+    return (f1 - f2).pow(2).sum(-1).mean()
+
+
+def uniformity(f: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola: log mean exp(-t ||fi - fj||^2) over distinct pairs of normalized embeddings (lower: more uniform)."""
+    f = F.normalize(f.float(), dim=-1)
+    d2 = torch.pdist(f).pow(2)
+    return torch.log(torch.exp(-t * d2).mean())
+
+
+@torch.no_grad()
+def evaluate_batch(model, cfg, inputs: dict, gen: torch.Generator,
+                   programmes: Programmes | None = None) -> dict[str, float]:
+    """Held-out metrics of the run's objective on one batch, in eval mode (dropout off; the
+    Performer's redraw counter does not move), restoring the previous mode.
+
+    masked_bins: ``loss``, ``masked_acc``. MAE masking kinds: ``loss`` (= masked-entry MSE),
+    ``masked_mse``, ``masked_pearson`` over the masked entries. byol/barlow: ``loss``,
+    ``alignment`` and ``uniformity`` of the encoder's embeddings of two views (at most 2048 cells).
+    Pass a fixed generator so numbers are comparable across steps.
+    """
+    o, x = cfg.objective, inputs["x"]
+    kind = resolve_kind(cfg.model.family, o.kind)
+    p = mask_prob_for(kind, o.mask_prob)
+    was_training = model.training
+    model.eval()
+    try:
+        if kind == "masked_bins":
+            G = inputs["expressed"].shape[1]
+            inp, chosen = _bins_mask(x, inputs["expressed"], gen, p, o.keep_prob)
+            logits = model(inp)[:, :G][chosen]
+            target = x[:, :G][chosen]
+            if target.numel() == 0:
+                return {"loss": float("nan"), "masked_acc": float("nan")}
+            return {"loss": float(F.cross_entropy(logits.float(), target)), "masked_acc": float(masked_accuracy(logits, target))}
+        if kind in CONTRASTIVE:
+            x = x[:2048]
+            lib = inputs.get("library_size")
+            lib = lib[:2048] if lib is not None else None
+            v1, v2 = augment(x, lib, gen, p, o.nb_dispersion), augment(x, lib, gen, p, o.nb_dispersion)
+            out = model(v1, v2)
+            loss = byol_loss(out) if kind == "byol" else barlow_loss(out["z1"], out["z2"], o.lambda_barlow)
+            enc = getattr(model, "module", model).encode
+            e1, e2 = enc(v1), enc(v2)
+            return {"loss": float(loss), "alignment": float(alignment(e1, e2)), "uniformity": float(uniformity(e1))}
+        if kind == "random_mask":
+            mask = torch.rand(x.shape, generator=gen, device=x.device) < p
+            inp = x.masked_fill(mask, 0.0) / (1.0 - p)
+        else:
+            progs = programmes if programmes is not None else programmes_for(cfg, x.device)
+            if kind == "gene_programme":
+                mask = programme_mask(progs, gen, o.programme_mask_rate)
+                inp = x.masked_fill(mask, 0.0) / (1.0 - mask.float().mean()).clamp_min(1e-3)
+            else:
+                mask = ~isolated_keep(progs, gen)[0]
+                inp = x.masked_fill(mask, 0.0)
+            mask = mask.expand_as(x)
+        recon = model(inp)
+        mse = float(masked_mse(recon, x, mask))
+        return {"loss": mse, "masked_mse": mse, "masked_pearson": float(pearson_r(recon[mask], x[mask]))}
+    finally:
+        model.train(was_training)
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:

@@ -30,7 +30,7 @@ def _experiment(mlflow, cfg: RunConfig) -> None:
 class Tracker:
     """Writes ``metrics.jsonl`` and logs to MLflow. Inactive (no-op) on ranks other than 0."""
 
-    def __init__(self, cfg: RunConfig, rank: int, run_id: str | None = None):
+    def __init__(self, cfg: RunConfig, rank: int, run_id: str | None = None, resume_step: int = 0):
         self.active = rank == 0
         self.cfg = cfg
         self.run_id = run_id
@@ -42,10 +42,13 @@ class Tracker:
         run_dir = cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
+        _truncate_after(self.metrics_path, resume_step)  # steps after the checkpoint are redone
         self._file = open(self.metrics_path, "a")
         mlflow.set_tracking_uri(default_tracking_uri(cfg))
         _experiment(mlflow, cfg)
-        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.name)
+        sysm = cfg.tracking.system_metrics
+        run = (mlflow.start_run(run_id=run_id, log_system_metrics=sysm) if run_id
+               else mlflow.start_run(run_name=cfg.name, log_system_metrics=sysm))
         self.run_id = run.info.run_id
         if not run_id:
             params = {k: redact(str(v)) for k, v in to_flat(cfg).items()}
@@ -69,6 +72,16 @@ class Tracker:
         if self.active:
             self._file.close()
             self.mlflow.end_run()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep only metric lines up to ``step`` (a resumed run re-logs the steps after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    tmp.replace(path)
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:

@@ -19,7 +19,7 @@ import yaml
 from data_loader import StreamingLoader, model_inputs
 from scmodels.build import build_model, default_preprocessing, hparams_of
 from sharding.manifest import read_manifest, read_vocab
-from train import checkpoint, objectives
+from train import checkpoint, faults, objectives
 from train.config import RunConfig, resolve_model_params
 from train.engine import build_engine
 from train.export import write_export
@@ -34,7 +34,10 @@ def build_distributed() -> tuple[int, int, torch.device]:
     for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(var, default)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        _init_process_group(backend)
+    deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -42,15 +45,47 @@ def build_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def build_model_for(cfg: RunConfig, n_genes: int) -> torch.nn.Module:
+def _init_process_group(backend: str) -> None:
+    """Under torchrun, key every attempt's rendezvous data by its restart count.
+
+    torchrun keeps one store across ``--max-restarts``; process groups created after a restart
+    (DeepSpeed's ZeRO groups) otherwise read the dead attempt's addresses and fail to connect.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from datetime import timedelta
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(minutes=10))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"scpretrain/attempt{attempt}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend)
+
+
+def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] | None = None) -> torch.nn.Module:
+    """The training module: the family's model (gene embedding loaded from ``model.gene_embedding``,
+    aligned to ``vocab`` or the corpus's vocab.tsv), wrapped with contrastive heads for byol/barlow.
+    Identical on every rank (seeded)."""
     params = resolve_model_params(cfg.model)
     params["n_genes"] = n_genes
+    kind = objectives.resolve_kind(cfg.model.family, cfg.objective.kind)
+    emb = None
+    if cfg.model.gene_embedding:
+        from train.gene_embedding import gene_embedding_for
+
+        emb = gene_embedding_for(cfg.model, params, vocab if vocab is not None else cfg.data.corpus, cfg.seed,
+                                 verbose=int(os.environ.get("RANK", "0")) == 0)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model.family, params)
-    if cfg.model.gene_embedding:
-        from train.gene_embedding import load_gene_embedding
+    if emb is not None:
+        model.load_gene_embedding(emb)
+    if kind in objectives.CONTRASTIVE:
+        from scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
 
-        model.load_gene_embedding(load_gene_embedding(cfg.model.gene_embedding, cfg.data.corpus, params["dim"]))
+        o = cfg.objective
+        model = ContrastiveMAE(model, ContrastiveConfig(method=kind, proj_hidden=o.proj_hidden, proj_dim=o.proj_dim,
+                                                        pred_hidden=o.proj_hidden, ema_decay=o.ema_decay))
     return model
 
 
@@ -83,12 +118,9 @@ class Batches:
 
 
 def train_step(engine, cfg: RunConfig, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    o = cfg.objective
-    if cfg.model.family == "mae":
-        p = 0.5 if o.mask_prob is None else o.mask_prob
-        return objectives.mae_random_mask(engine, inputs["x"], gen, p, o.reference_loss_divisor)
-    p = 0.15 if o.mask_prob is None else o.mask_prob
-    return objectives.performer_masked_bins(engine, inputs["x"], inputs["expressed"], gen, p, o.keep_prob)
+    """Loss of ``cfg.objective.kind`` on one micro-batch (see ``train.objectives``). After
+    ``engine.step()`` call ``objectives.after_step(engine)`` (moves the BYOL target)."""
+    return objectives.objective_step(engine, cfg, inputs, gen)
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -118,7 +150,7 @@ def pretrain(cfg: RunConfig) -> dict:
     step, cells = (state["step"], state["cells_seen"]) if state else (0, 0)
     if state:
         loader.load_state_dict(state["stream"])
-    tracker = Tracker(cfg, rank, run_id=state.get("mlflow_run_id") if state else None)
+    tracker = Tracker(cfg, rank, run_id=state.get("mlflow_run_id") if state else None, resume_step=step)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -146,10 +178,11 @@ def pretrain(cfg: RunConfig) -> dict:
             engine.step()
             cells += int(batch["cell_id"].numel()) * world
         step += 1
+        faults.maybe_kill("kill", rank, step)
         dt = time.perf_counter() - t0
         if step % cfg.tracking.log_every == 0 or step == cfg.max_steps:
             last_loss = _mean_across_ranks(loss.detach().float())
-            metrics = {"loss": last_loss, "lr": engine.get_lr()[0], "cells_seen": cells,
+            metrics = {"loss": last_loss, "lr": engine.get_lr()[0], "cells_seen": cells, **_memory(device),
                        "cells_per_s": cfg.data.batch_size * cfg.engine.grad_accum * world / dt,
                        "data_stall_frac": batches.wait / dt, "epoch": loader.epoch,
                        **{k: float(v) for k, v in extra.items()}}
@@ -189,6 +222,15 @@ def pretrain(cfg: RunConfig) -> dict:
     tracker.close()
     dist.barrier()
     return result
+
+
+def _memory(device: torch.device) -> dict:
+    import psutil
+
+    out = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":
+        out["gpu_max_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
 
 
 def _manifest_hash(corpus: Path) -> str:

@@ -1,0 +1,31 @@
+"""Fault injection for the reliability tests (off unless ``SCPRETRAIN_FAULT`` is set).
+
+``SCPRETRAIN_FAULT="kill:rank=1:step=5"``      SIGKILL rank 1 right after it finishes step 5;
+``SCPRETRAIN_FAULT="kill_in_save:rank=1:step=6"`` SIGKILL rank 1 inside the checkpoint save of step 6,
+after its DeepSpeed files are written and before the ranks agree to commit.
+Faults fire only on a job's first attempt (torchrun's ``TORCHELASTIC_RESTART_COUNT`` = 0), so a
+restarted job runs clean, as after a real node failure.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _spec() -> dict | None:
+    raw = os.environ.get("SCPRETRAIN_FAULT")
+    if not raw or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    kind, *kv = raw.split(":")
+    spec = {"kind": kind}
+    for item in kv:
+        k, v = item.split("=")
+        spec[k] = int(v)
+    return spec
+
+
+def maybe_kill(point: str, rank: int, step: int) -> None:
+    spec = _spec()
+    if spec and spec["kind"] == point and spec.get("rank") == rank and spec.get("step") == step:
+        print(f"[fault] {point}: SIGKILL rank {rank} at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
