@@ -56,7 +56,8 @@ def torchrun_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
 
 
 def deepspeed_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
-    cmd = ["deepspeed", f"--num_gpus={a.nproc_per_node}"]
+    local = os.path.join(os.path.dirname(sys.executable), "deepspeed")  # the venv's launcher
+    cmd = [local if os.path.exists(local) else "deepspeed", f"--num_gpus={a.nproc_per_node}"]
     if a.hostfile:
         cmd += [f"--hostfile={a.hostfile}"]
     return cmd + ["--module", "train", "pretrain", *train_args]
