@@ -16,7 +16,9 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
 
 
 def model_inputs(batch: dict, n_genes: int, spec: PreprocessSpec, device: torch.device | str) -> dict:
-    """Returns ``x`` (float log1p [B, G] or long tokens [B, G(+1)]) and ``expressed`` (bool [B, G])."""
+    """Returns ``x`` (float log1p [B, G] or long tokens [B, G(+1)]), ``expressed`` (bool [B, G]) and
+    ``library_size`` (total counts per cell, float [B])."""
     b = to_device(batch, device)
     counts = csr_to_dense(b["indptr"], b["indices"], b["data"], n_genes)
-    return {"x": preprocess(counts, spec), "expressed": counts > 0, "cell_id": b["cell_id"]}
+    return {"x": preprocess(counts, spec), "expressed": counts > 0, "library_size": counts.sum(1),
+            "cell_id": b["cell_id"]}

@@ -106,7 +106,7 @@ class SomaReader:
 
     def __init__(self, uri: str, obs_columns: list[str], value_filter: str | None = None,
                  measurement: str = "RNA", layer: str = "raw", census_organism: str | None = None,
-                 id_column: str = "cell_id"):
+                 id_column: str = "cell_id", shard_sizes: list[int] | None = None):
         self.uri, self.value_filter = str(uri), value_filter
         self.measurement, self.layer, self.organism = measurement, layer, census_organism
         self.obs_columns, self.id_column = list(obs_columns), id_column
@@ -119,7 +119,13 @@ class SomaReader:
         else:
             n = exp.obs.count
             self.joinids = np.arange(n, dtype=np.int64)
-        self.sizes = [len(self.joinids)]
+        # Blocks over SOMA rows follow the corpus's shard boundaries when given (so the Zarr and
+        # SOMA backends of one corpus stream the identical sequence); else one virtual shard.
+        if shard_sizes is not None and sum(shard_sizes) == len(self.joinids):
+            self.sizes = list(shard_sizes)
+        else:
+            self.sizes = [len(self.joinids)]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_exp": None, "_ctx": None}
@@ -138,7 +144,7 @@ class SomaReader:
         return self._exp
 
     def read(self, shard: int, start: int, stop: int) -> Block:
-        return self.read_rows(np.arange(start, stop))
+        return self.read_rows(self.offsets[shard] + np.arange(start, stop))
 
     def read_rows(self, rows: np.ndarray) -> Block:
         """Rows (local indices, any order) -> Block in that order."""

@@ -63,11 +63,11 @@ class CorpusDataset(IterableDataset):
         shard, row = order.locate(pos)
         key = np.lexsort((row, shard))
         pieces = []
-        for s in np.unique(shard):
-            rows = row[key][shard[key] == s]
-            if isinstance(self.reader, SomaReader):
-                pieces.append(self.reader.read_rows(rows))
-            else:
+        if isinstance(self.reader, SomaReader):  # one query for the whole window
+            pieces.append(self.reader.read_rows(self.reader.offsets[shard[key]] + row[key]))
+        else:
+            for s in np.unique(shard):
+                rows = row[key][shard[key] == s]
                 pieces += [self.reader.read(int(s), a, b) for a, b in _runs(rows)]
         sorted_block = concat_blocks(pieces)
         inv = np.empty(len(key), dtype=np.int64)
@@ -171,7 +171,10 @@ class StreamingLoader:
                 if not self.manifest.get("soma"):
                     raise ValueError(f"{self.corpus}/manifest.json: corpus has no SOMA experiment; build with --format soma|both or use backend='zarr'")
                 uri = str(self.corpus / self.manifest["soma"]["path"])
-            return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism)
+            sizes = None
+            if soma_uri is None and soma_filter is None and self.manifest.get("zarr"):
+                sizes = [int(sh["n_cells"]) for sh in self.manifest["zarr"]["shards"]]
+            return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism, shard_sizes=sizes)
         raise ValueError(f"backend: {backend!r} is not one of 'zarr', 'soma'")
 
     @property
@@ -214,6 +217,11 @@ class StreamingLoader:
             yield batch
         self._state = StreamState(st.seed, st.epoch + 1)
         self._expect_epoch = st.epoch + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start (not resume) epoch ``epoch``: the plan's order depends on (seed, epoch) alone."""
+        self._state = StreamState(self._state.seed, epoch)
+        self._loader = None
 
     def state_dict(self) -> dict:
         """The global stream cursor (same on every rank); JSON-serialisable."""

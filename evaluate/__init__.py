@@ -1,8 +1,9 @@
-"""Downstream use of an exported encoder: embed, fine-tune a head, annotate, report.
+"""Downstream use of an exported encoder: embed, fine-tune, annotate, report.
 
 Needs only torch, safetensors, numpy/scipy/pandas, scikit-learn (and performer-pytorch
-for Performer exports); never DeepSpeed, TileDB-SOMA, Zarr or the training code.
-``anndata`` is not imported here: pass any AnnData you have read yourself.
+for Performer exports; matplotlib and umap-learn for the pictures); never DeepSpeed,
+TileDB-SOMA, Zarr or the training code. ``anndata`` is not imported here: pass any
+AnnData you have read yourself.
 
     import anndata, evaluate
     model = evaluate.load_export("exports/mae_lung_v1")
@@ -10,8 +11,11 @@ for Performer exports); never DeepSpeed, TileDB-SOMA, Zarr or the training code.
     evaluate.embed(model, adata)                        # adata.obsm["X_mae"]
     evaluate.annotate(model, adata, reference=ref, label_key="cell_type")
     # adata.obs["predicted_cell_type"], adata.obs["predicted_cell_type_probability"]
+    clf = evaluate.finetune(model, ref, "cell_type", mode="partial", save_to="heads/v1")
+    evaluate.annotate(model, adata, head="heads/v1")    # the saved head, no reference needed
 """
 from evaluate.annotate import annotate
+from evaluate.classifier import Classifier
 from evaluate.embedding import embed
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export, load_export
@@ -19,4 +23,5 @@ from evaluate.finetune import finetune
 from evaluate.heads import Head
 from evaluate.report import report
 
-__all__ = ["EvaluateError", "Export", "Head", "annotate", "embed", "finetune", "load_export", "report"]
+__all__ = ["Classifier", "EvaluateError", "Export", "Head", "annotate", "embed", "finetune", "load_export",
+           "report"]

@@ -25,6 +25,12 @@ feature_name / symbol; below --min-coverage of the export's genes the input is r
   annotate  label a query from a labelled reference (a head, fine-tuned on the spot or loaded)
   knn       label a query by its 5 nearest reference cells, no training
   report    held-out accuracy / macro F1 of the export vs. kNN, logistic regression and majority class
+
+Heads (--head): auto = the family's reference head (scbert for a Performer export, linear for
+an MAE export), linear, mlp, or scbert (Performer only: reads every gene's representation).
+Fine-tuning (--mode): frozen = only the head trains (fast, the default); partial = also the
+last --unfreeze encoder blocks (+ the final norm of a Performer, as scBERT does); full = the
+whole encoder. Cells whose top probability is below --threshold become "Unassigned".
 """
 
 EXAMPLES = """\
@@ -35,9 +41,9 @@ examples:
   python -m evaluate knn      --export exports/mae_v1 --reference ref.h5ad --label-key cell_type \\
                               --query mine.h5ad --out mine_knn.h5ad
   python -m evaluate finetune --export exports/mae_v1 --reference ref.h5ad --label-key cell_type \\
-                              --out heads/v1
+                              --mode partial --out heads/v1
   python -m evaluate annotate --export exports/mae_v1 --load-head heads/v1 --label-key cell_type \\
-                              --query mine.h5ad --out mine_annotated.h5ad
+                              --query mine.h5ad --out mine_annotated.h5ad --plots figures/
   python -m evaluate report   --export exports/mae_v1 --adata labelled.h5ad --label-key cell_type \\
                               --out-dir eval/
 """
@@ -92,8 +98,23 @@ def _query(p: argparse.ArgumentParser) -> None:
 
 
 def _head(p: argparse.ArgumentParser, seed_help: str) -> None:
-    p.add_argument("--head", choices=("linear", "mlp"), default="linear", help="head type (default linear)")
+    p.add_argument("--head", choices=("auto", "linear", "mlp", "scbert"), default="auto",
+                   help="head type (default auto: scbert for a Performer export, linear for an MAE export)")
+    p.add_argument("--mode", choices=("frozen", "partial", "full"), default="frozen",
+                   help="what trains besides the head: frozen = nothing (default), partial = the last "
+                   "--unfreeze encoder blocks (+ a Performer's final norm), full = the whole encoder")
+    p.add_argument("--unfreeze", type=int, default=1, metavar="N",
+                   help="encoder blocks --mode partial trains, counted from the top (default 1)")
+    p.add_argument("--max-epochs", type=int, default=None, metavar="N",
+                   help="training epochs at most (default 300 for a frozen linear/mlp head, else 50); "
+                   "training stops earlier when the validation loss stops improving")
     p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+
+
+def _plots(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also write umap.png (coloured by prediction, and by --label-key when the query has "
+                   "that column, then also confusion_matrix.png) into DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,12 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the embedded AnnData")
 
     p = sub.add_parser("finetune", help="train a head on a labelled reference and save it",
-                       description="Fine-tune a head on the frozen embeddings of --reference; writes "
-                       "head.safetensors + head.json into --out (use it with `annotate --load-head`).")
+                       description="Fine-tune a head (and with --mode partial/full the encoder) on the "
+                       "labelled cells of --reference; writes head.safetensors + head.json (+ "
+                       "encoder.safetensors with the fine-tuned encoder tensors) into --out; use it with "
+                       "`annotate --load-head`.")
     _common(p)
     _labelled(p)
-    p.add_argument("--out", required=True, metavar="HEAD_DIR",
-                   help="directory for head.safetensors + head.json")
+    p.add_argument("--out", default=None, metavar="HEAD_DIR",
+                   help="where to save (default: EXPORT/heads/KEY-HEAD-MODE, beside the export)")
     _head(p, "seed of the validation split and the training")
 
     p = sub.add_parser("annotate", help="label a query with a head",
@@ -130,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-head", metavar="HEAD_DIR",
                    help="use a head saved by `finetune` (then no --reference is needed)")
     p.add_argument("--save-head", metavar="HEAD_DIR", help="also save the fine-tuned head here")
+    _plots(p)
 
     p = sub.add_parser("knn", help="label a query by nearest reference cells",
                        description="Label --query by a vote of its --k nearest --reference cells (cosine "
@@ -141,12 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
     p.add_argument("--threshold", type=float, default=0.5, metavar="P",
                    help="minimum vote fraction (default 0.5)")
+    p.add_argument("--max-distance", default="auto", metavar="D",
+                   help="neighbours farther than this cosine distance do not vote, so cells unlike any "
+                   "reference cell become Unassigned (default auto: the reference's own 99th-percentile "
+                   "distance to its k-th neighbour; 'none' lets every neighbour vote)")
+    _plots(p)
 
     p = sub.add_parser("report", help="held-out metrics vs. baselines",
                        description="Split the labelled cells of --adata (stratified), fine-tune the head on "
                        "the training part and print accuracy and macro F1 on the held-out part for the head, "
                        "kNN on the embeddings, logistic regression on log-normalized expression and the "
-                       "majority class. Writes report.json and confusion_matrix.png into --out-dir.")
+                       "majority class. Writes report.json, confusion_matrix.png and umap.png (held-out "
+                       "cells coloured by true label and by prediction) into --out-dir.")
     _common(p)
     p.add_argument("--adata", required=True, metavar="LABELLED.h5ad", help="labelled cells (raw counts)")
     p.add_argument("--label-key", required=True, metavar="KEY", help="obs column with the labels")
@@ -157,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, metavar="P",
                    help="threshold for the head's Unassigned rate (default 0.5)")
     p.add_argument("--out-dir", default="evaluate_report", metavar="DIR",
-                   help="where report.json and confusion_matrix.png go (default ./evaluate_report)")
+                   help="where report.json, confusion_matrix.png and umap.png go (default ./evaluate_report)")
+    p.add_argument("--no-umap", action="store_true", help="skip umap.png (UMAP takes some seconds)")
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
     from evaluate import annotate, embed, finetune, load_export, report
+    from evaluate.classifier import resolve_kind
     from evaluate.report import format_table
 
     verbose = not args.quiet
@@ -177,8 +209,9 @@ def run(args: argparse.Namespace) -> None:
         _write(adata, args.out)
     elif args.command == "finetune":
         common["layer"] = args.reference_layer or args.layer
-        finetune(model, _read(args.reference), args.label_key, head=args.head, save_to=args.out,
-                 seed=args.seed, **common)
+        kind = resolve_kind(args.head, model.family)
+        out = args.out or Path(args.export) / "heads" / f"{args.label_key}-{kind}-{args.mode}"
+        finetune(model, _read(args.reference), args.label_key, save_to=out, **_training(args), **common)
     elif args.command in ("annotate", "knn"):
         if args.command == "annotate" and args.load_head:
             head, reference = args.load_head, None
@@ -190,16 +223,33 @@ def run(args: argparse.Namespace) -> None:
             reference = _read(args.reference)
         query = _read(args.query)
         if args.command == "annotate":
-            extra = {"seed": args.seed, "save_head": args.save_head}
+            extra = {**_training(args), "save_head": args.save_head}
+            extra["head"] = head
         else:
-            extra = {"k": args.k}
-        annotate(model, query, reference, args.label_key, threshold=args.threshold, head=head,
-                 reference_layer=args.reference_layer, **extra, **common)
+            extra = {"k": args.k, "head": "knn", "max_distance": _distance(args.max_distance)}
+        annotate(model, query, reference, args.label_key, threshold=args.threshold,
+                 reference_layer=args.reference_layer, plot_dir=args.plots, **extra, **common)
         _write(query, args.out)
     elif args.command == "report":
-        rep = report(model, _read(args.adata), args.label_key, test_size=args.test_size, seed=args.seed,
-                     head=args.head, out_dir=args.out_dir, k=args.k, threshold=args.threshold, **common)
+        rep = report(model, _read(args.adata), args.label_key, test_size=args.test_size, out_dir=args.out_dir,
+                     k=args.k, threshold=args.threshold, umap=not args.no_umap, **_training(args), **common)
         print(format_table(rep))
+
+
+def _training(args: argparse.Namespace) -> dict[str, Any]:
+    kw = {"head": args.head, "mode": args.mode, "unfreeze": args.unfreeze, "seed": args.seed}
+    if args.max_epochs is not None:
+        kw["max_epochs"] = args.max_epochs
+    return kw
+
+
+def _distance(text: str) -> float | str | None:
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise EvaluateError(f"--max-distance {text!r}: expected a number, 'auto' or 'none'") from None
 
 
 def _name_the_file(message: str, args: argparse.Namespace) -> str:

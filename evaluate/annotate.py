@@ -1,4 +1,4 @@
-"""Annotate query cells: a fine-tuned head or kNN on the embeddings, with an "Unassigned" threshold."""
+"""Annotate query cells: a fine-tuned classifier or kNN on the embeddings, with an "Unassigned" threshold."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +7,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluate.embedding import as_export, compute_embeddings
+from evaluate.align import align_to_vocab
+from evaluate.embedding import as_export, embed_counts
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export
-from evaluate.finetune import export_info, fit_head, labels_of
-from evaluate.heads import HEAD_KINDS, Head
 
 UNASSIGNED = "Unassigned"
+KNN_RADIUS_QUANTILE = 0.99
 
 
 def assign(proba: np.ndarray, classes: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -24,12 +24,31 @@ def assign(proba: np.ndarray, classes: list[str], threshold: float) -> tuple[np.
     return np.where(p < threshold, UNASSIGNED, labels).astype(object), p
 
 
-def knn_proba(ref_emb: np.ndarray, ref_labels: np.ndarray, query_emb: np.ndarray,
-              k: int = 5) -> tuple[np.ndarray, list[str]]:
+def reference_radius(ref_emb: np.ndarray, k: int = 5, quantile: float = KNN_RADIUS_QUANTILE) -> float:
+    """The ``quantile`` of the reference cells' cosine distance to their k-th nearest other reference cell.
+
+    A query cell's neighbour farther than this is farther than almost any reference cell is from
+    its own neighbourhood: it is not evidence that the query is of the neighbour's type.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(ref_emb) - 1)
+    if k < 1:
+        return float("inf")
+    # kneighbors() without a query leaves each cell itself out
+    dist, _ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(ref_emb).kneighbors()
+    return float(np.quantile(dist[:, -1], quantile))
+
+
+def knn_proba(ref_emb: np.ndarray, ref_labels: np.ndarray, query_emb: np.ndarray, k: int = 5,
+              max_distance: float | str | None = None) -> tuple[np.ndarray, list[str]]:
     """Vote fractions [n_query, n_classes] of the ``k`` nearest reference cells by cosine distance.
 
     No training: the zero-shot protocol of the MAE reference (k = 5). Ties between equally
-    voted classes go to the class first in sorted order.
+    voted classes go to the class first in sorted order. ``max_distance``: neighbours
+    farther than this cosine distance do not vote (their share of the ``k`` votes is
+    lost), so a cell unlike any reference cell gets low vote fractions and becomes
+    "Unassigned"; "auto" takes :func:`reference_radius`; None lets every neighbour vote.
     """
     # imported here: scikit-learn adds about a second to `import evaluate`, and only kNN needs it
     from sklearn.neighbors import NearestNeighbors
@@ -40,10 +59,14 @@ def knn_proba(ref_emb: np.ndarray, ref_labels: np.ndarray, query_emb: np.ndarray
     if k < 1:
         raise EvaluateError("knn: the reference has no labelled cells")
     nn_index = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(ref_emb)
-    _, idx = nn_index.kneighbors(query_emb)
+    dist, idx = nn_index.kneighbors(query_emb)
     y = np.searchsorted(np.asarray(classes), ref_labels)[idx]  # [n_query, k] class indices
+    votes = np.full(dist.shape, 1.0 / k, dtype=np.float32)
+    if max_distance is not None:
+        radius = reference_radius(ref_emb, k) if max_distance == "auto" else float(max_distance)
+        votes[dist > radius] = 0.0
     proba = np.zeros((len(query_emb), len(classes)), dtype=np.float32)
-    np.add.at(proba, (np.repeat(np.arange(len(query_emb)), k), y.ravel()), 1.0 / k)
+    np.add.at(proba, (np.repeat(np.arange(len(query_emb)), k), y.ravel()), votes.ravel())
     return proba, classes
 
 
@@ -53,13 +76,34 @@ def _write(adata: Any, label_key: str, labels: np.ndarray, prob: np.ndarray, cla
     adata.obs[f"predicted_{label_key}_probability"] = prob
 
 
-def _resolve_head(head: str | Path | Head) -> str | Head:
-    if isinstance(head, Head) or head in (*HEAD_KINDS, "knn"):
+def write_pictures(out_dir: str | Path, embedding: np.ndarray, predicted: np.ndarray, title: str,
+                   truth: np.ndarray | None = None, classes: list[str] | None = None, seed: int = 0,
+                   umap: bool = True) -> dict[str, str]:
+    """umap.png (coloured by prediction, and by truth when given) and, with truth, confusion_matrix.png."""
+    from evaluate.plots import plot_confusion, plot_umap, umap_coordinates  # matplotlib only when asked
+
+    out = Path(out_dir)
+    files: dict[str, str] = {}
+    if truth is not None:
+        files["confusion_matrix"] = str(plot_confusion(truth, predicted, out / "confusion_matrix.png",
+                                                       labels=classes, title=title))
+    if umap and len(embedding) >= 4:
+        colourings = {"predicted": predicted} if truth is None else {"true": truth, "predicted": predicted}
+        files["umap"] = str(plot_umap(umap_coordinates(embedding, seed=seed), colourings, out / "umap.png",
+                                      title=title))
+    return files
+
+
+def _resolve_head(head: Any) -> Any:
+    from evaluate.classifier import Classifier
+    from evaluate.heads import HEAD_KINDS, Head
+
+    if isinstance(head, (Head, Classifier)) or head in ("auto", *HEAD_KINDS, "knn"):
         return head
     if Path(head).is_dir():
-        return Head.load(head)
-    raise EvaluateError(f"head: {head!r} is not one of {(*HEAD_KINDS, 'knn')} nor a directory with a saved "
-                        "head (head.json + head.safetensors)")
+        return Path(head)
+    raise EvaluateError(f"head: {head!r} is not one of {('auto', *HEAD_KINDS, 'knn')} nor a directory with a "
+                        "saved head (head.json + head.safetensors)")
 
 
 def annotate(
@@ -68,9 +112,12 @@ def annotate(
     reference: Any = None,
     label_key: str = "cell_type",
     threshold: float = 0.5,
-    head: str | Path | Head = "linear",
+    head: Any = "auto",
     *,
+    mode: str = "frozen",
+    unfreeze: int | list[int] = 1,
     k: int = 5,
+    max_distance: float | str | None = "auto",
     layer: str | None = None,
     reference_layer: str | None = None,
     min_coverage: float = 0.5,
@@ -78,54 +125,83 @@ def annotate(
     device: str | None = None,
     seed: int = 0,
     save_head: str | Path | None = None,
+    plot_dir: str | Path | None = None,
     verbose: bool = True,
     **fit_kwargs: Any,
 ) -> Any:
     """Label the cells of ``adata`` from the labelled ``reference``; returns ``adata``.
 
-    ``head``: "linear" or "mlp" fine-tune a head on the reference's embeddings (the
-    encoder stays frozen; ``fit_kwargs`` go to ``finetune.fit_head``; ``save_head``
-    keeps it); "knn" votes among the ``k`` nearest reference cells (cosine) without
-    training; a ``Head`` or the directory of a saved head is used as is (then no
-    reference is needed). Writes ``adata.obs["predicted_<label_key>"]`` ("Unassigned"
-    where the top probability is below ``threshold``),
-    ``adata.obs["predicted_<label_key>_probability"]`` and the query embedding in
-    ``adata.obsm["X_<family>"]``.
+    ``head``: "auto" / "linear" / "mlp" / "scbert" fine-tune a classifier on the reference
+    (``mode`` "frozen", "partial" or "full", ``unfreeze``; ``fit_kwargs`` go to
+    ``finetune.fit_classifier``; ``save_head`` keeps it); "knn" votes among the ``k``
+    nearest reference cells (cosine) without training, neighbours farther than
+    ``max_distance`` not voting ("auto": the reference's own 99th-percentile neighbour
+    distance), so cells of a type the reference lacks come out "Unassigned"; a
+    Classifier, a Head or the directory of a saved head is used as is (then no reference
+    is needed). Writes ``adata.obs["predicted_<label_key>"]`` ("Unassigned" where the top
+    probability is below ``threshold``), ``adata.obs["predicted_<label_key>_probability"]``,
+    the export's embedding in ``adata.obsm["X_<family>"]`` and, when the encoder was
+    fine-tuned, the fine-tuned one in ``adata.obsm["X_<family>_finetuned"]``. With
+    ``plot_dir``: umap.png coloured by prediction (and by ``obs[label_key]`` when the
+    query has it, then also confusion_matrix.png).
     """
+    from evaluate.classifier import as_classifier
+    from evaluate.finetune import fit_classifier, labels_of
+
     model = as_export(model)
     head = _resolve_head(head)
     if not 0.0 <= threshold <= 1.0:
         raise EvaluateError(f"threshold must be in [0, 1], got {threshold}")
-    emb_args = dict(batch_size=batch_size, min_coverage=min_coverage, device=device, verbose=verbose)
-    trained = head if isinstance(head, Head) else None
-    if trained is not None:
-        trained.check_compatible(model)
+    clf = None
+    if not isinstance(head, str):
+        clf = as_classifier(head, model)
     elif reference is None:
         raise EvaluateError(f"annotate: head={head!r} needs a labelled reference (or pass a saved head)")
     else:
         labels, rows = labels_of(reference, label_key)  # before any embedding: a wrong key fails fast
-    query_emb, cov = compute_embeddings(model, adata, layer=layer, name="query", **emb_args)
-    if trained is None:
-        ref_emb, _ = compute_embeddings(model, reference, layer=reference_layer, name="reference", **emb_args)
-        ref_emb = ref_emb[rows]
+    align = dict(min_coverage=min_coverage, verbose=verbose)
+    query, cov = align_to_vocab(adata, model.vocab, layer=layer, name="query", **align)
+    query_emb = None
+    if clf is None:
+        ref, _ = align_to_vocab(reference, model.vocab, layer=reference_layer, name="reference", **align)
+        ref = ref[rows]
         if head == "knn":
-            proba, classes = knn_proba(ref_emb, labels, query_emb, k=k)
+            query_emb = embed_counts(model, query, batch_size=batch_size, device=device)
+            ref_emb = embed_counts(model, ref, batch_size=batch_size, device=device)
+            proba, classes = knn_proba(ref_emb, labels, query_emb, k=k, max_distance=max_distance)
         else:
-            trained = fit_head(ref_emb, labels, kind=head, seed=seed, export_info=export_info(model),
-                               **fit_kwargs)
+            clf = fit_classifier(model, ref, labels, head, mode, unfreeze, seed=seed, device=device,
+                                 batch_size=batch_size, **fit_kwargs)
             if save_head is not None:
-                trained.save(save_head)
-    if trained is not None:
-        proba, classes = trained.predict_proba(query_emb), trained.classes
+                clf.save(save_head)
+    if clf is not None:
+        proba, own_emb = clf.predict(query, batch_size=batch_size, device=device)
+        classes = clf.classes
+        if clf.mode == "frozen":
+            query_emb = own_emb  # the export's encoder: the same numbers evaluate.embed writes
+        else:
+            adata.obsm[f"{model.embedding_key}_finetuned"] = own_emb
+            query_emb = embed_counts(model, query, batch_size=batch_size, device=device)
     pred, prob = assign(proba, classes, threshold)
     _write(adata, label_key, pred, prob, classes)
     adata.obsm[model.embedding_key] = query_emb
+    method = "knn" if clf is None else clf.describe()
     adata.uns["evaluate"] = {
         "export": str(model.path), "family": model.family, "vocab_sha256": model.vocab_sha256,
-        "coverage": cov.to_dict(), "head": head if isinstance(head, str) else head.kind,
-        "threshold": threshold}
+        "coverage": cov.to_dict(), "head": "knn" if clf is None else clf.kind,
+        "mode": None if clf is None else clf.mode, "threshold": threshold}
+    if plot_dir is not None:
+        truth = None
+        if label_key in adata.obs.columns and not adata.obs[label_key].isna().all():
+            col = adata.obs[label_key]
+            truth = np.where(col.isna().to_numpy(), "unlabelled", col.astype(str).to_numpy())
+        files = write_pictures(plot_dir, query_emb, pred.astype(str), f"{model.family} export, {method}",
+                               truth=truth, seed=seed)
+        adata.uns["evaluate"]["files"] = files
+        if verbose:
+            print("wrote " + ", ".join(files.values()))
     if verbose:
         n_un = int((pred == UNASSIGNED).sum())
-        print(f"annotated {len(pred):,} cells into {len(classes)} classes; {n_un:,} Unassigned "
+        print(f"annotated {len(pred):,} cells into {len(classes)} classes with {method}; {n_un:,} Unassigned "
               f"(top probability < {threshold})")
     return adata

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from evaluate.align import Coverage, align_to_vocab
@@ -16,10 +17,24 @@ def as_export(model: Export | str | Path) -> Export:
     return model if isinstance(model, Export) else load_export(model)
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as given, else cuda when available, else cpu."""
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def embed_counts(model: Export, counts: sp.csr_matrix, batch_size: int = 512,
+                 device: str | torch.device | None = None) -> np.ndarray:
+    """Embeddings [n, d] (float32) of raw counts already aligned to the export's vocabulary."""
+    model.module.to(pick_device(device))
+    chunks = []
+    # Densify one batch at a time: the aligned CSR stays the only full-size copy in memory.
+    for start in range(0, counts.shape[0], batch_size):
+        dense = torch.from_numpy(counts[start:start + batch_size].toarray())
+        chunks.append(model.encode_counts(dense).numpy())
+    dim = chunks[0].shape[1] if chunks else 0
+    return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
 
 
 def compute_embeddings(
@@ -35,14 +50,7 @@ def compute_embeddings(
     """Embeddings [n_obs, d] (float32 numpy) and the gene coverage; ``adata`` is left unchanged."""
     counts, cov = align_to_vocab(adata, model.vocab, min_coverage=min_coverage, layer=layer, name=name,
                                  verbose=verbose)
-    model.module.to(_device(device))
-    chunks = []
-    # Densify one batch at a time: the aligned CSR stays the only full-size copy in memory.
-    for start in range(0, counts.shape[0], batch_size):
-        dense = torch.from_numpy(counts[start:start + batch_size].toarray())
-        chunks.append(model.encode_counts(dense).numpy())
-    dim = chunks[0].shape[1] if chunks else 0
-    return (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), cov
+    return embed_counts(model, counts, batch_size=batch_size, device=device), cov
 
 
 def embed(

@@ -1,4 +1,4 @@
-"""Fit a classification head on frozen embeddings.
+"""Fine-tune a classifier: a head on the frozen encoder, or the head with part or all of the encoder.
 
 Class-weighted cross-entropy (rare cell types count as much as common ones, as in the
 MAE reference's downstream protocol), early stopping on a stratified validation split
@@ -8,15 +8,19 @@ initialization, the batch order and dropout all draw from RNGs seeded here.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 
-from evaluate.embedding import as_export, compute_embeddings
+from evaluate.align import align_to_vocab
+from evaluate.classifier import Classifier, resolve_kind
+from evaluate.embedding import as_export, embed_counts, pick_device
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export
 from evaluate.heads import HEAD_KINDS, Head
@@ -65,13 +69,76 @@ def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
+def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def _train(
+    step_logits: Callable[[np.ndarray], torch.Tensor],
+    param_groups: list[dict],
+    set_mode: Callable[[bool], None],
+    snapshot: Callable[[], dict],
+    restore: Callable[[dict], None],
+    y: torch.Tensor,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    weights: torch.Tensor,
+    *,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
+    weight_decay: float,
+    seed: int,
+    eval_batch_size: int = 8192,
+) -> dict[str, Any]:
+    """The one training loop: AdamW, class-weighted cross-entropy, early stopping on the validation loss.
+
+    ``step_logits(rows)`` -> logits for those cells (training or evaluation mode as set by ``set_mode``).
+    Keeps the best epoch's state (``snapshot`` / ``restore``). Batch order comes from a generator
+    seeded with ``seed``; the caller seeds torch's RNG (initialization, dropout).
+    """
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    opt = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best_loss, best_state, best_epoch, epoch = float("inf"), snapshot(), 0, 0
+    for epoch in range(1, max_epochs + 1):
+        set_mode(True)
+        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        for b in _batches(order, batch_size):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(step_logits(b), y[b]).backward()
+            opt.step()
+        if len(val_idx) == 0:  # too few cells to hold any out: train the full budget
+            best_state, best_epoch = snapshot(), epoch
+            continue
+        set_mode(False)
+        with torch.no_grad():
+            logits = torch.cat([step_logits(b) for b in _batches(val_idx, eval_batch_size)])
+            val_loss = float(loss_fn(logits, y[val_idx]))
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_state, best_epoch = val_loss, snapshot(), epoch
+        elif epoch - best_epoch >= patience:
+            break
+    restore(best_state)
+    set_mode(False)
+    return {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "best_epoch": best_epoch,
+            "epochs_run": epoch, "best_val_loss": None if best_loss == float("inf") else best_loss,
+            "seed": seed, "weight_decay": weight_decay, "batch_size": batch_size, "class_weighted": True}
+
+
+def _encode_labels(labels: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
+    labels = np.asarray(labels).astype(str)
+    classes = sorted(set(labels.tolist()))
+    return labels, classes, np.searchsorted(np.asarray(classes), labels)
+
+
 def fit_head(
     embeddings: np.ndarray,
     labels: np.ndarray,
     kind: str = "linear",
     *,
     hidden: int = 128,
-    dropout: float = 0.1,
+    dropout: float | None = None,
     lr: float | None = None,
     weight_decay: float = 1e-4,
     batch_size: int = 128,
@@ -81,56 +148,149 @@ def fit_head(
     seed: int = 0,
     export_info: dict | None = None,
 ) -> Head:
-    """Train a ``kind`` ("linear" | "mlp") head on embeddings [n, d] with string labels [n].
+    """Train a ``kind`` ("linear" | "mlp") head on cell embeddings [n, d] with string labels [n].
 
     Stops when the class-weighted validation loss has not improved for ``patience`` epochs
     and keeps the best epoch's weights. ``lr`` defaults to 1e-2 for the linear probe and
     3e-3 for the MLP (inputs are standardized, so one default fits most encoders). Runs on
     the CPU: heads are small.
     """
-    if kind not in HEAD_KINDS:
-        raise EvaluateError(f"head: {kind!r} is not one of {HEAD_KINDS}")
+    if kind not in ("linear", "mlp"):
+        raise EvaluateError(f"head: {kind!r} on embeddings must be 'linear' or 'mlp' (the scbert head reads "
+                            "per-gene representations: use fit_classifier)")
     lr = lr if lr is not None else (1e-2 if kind == "linear" else 3e-3)
-    labels = np.asarray(labels).astype(str)
-    classes = sorted(set(labels.tolist()))
-    y_all = np.searchsorted(np.asarray(classes), labels)
+    labels, classes, y_all = _encode_labels(labels)
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
     y = torch.as_tensor(y_all, dtype=torch.long)
-    weights = class_weights(y_all[train_idx], len(classes))
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
     with torch.random.fork_rng(devices=[]):  # seed locally: the caller's RNG state is left as it was
         torch.manual_seed(seed)
         head = Head(x.shape[1], classes, kind=kind, hidden=hidden, dropout=dropout, export_info=export_info)
-        head.set_standardization(x[train_idx].numpy())
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        gen = torch.Generator().manual_seed(seed)
-        best_loss, best_state, best_epoch, epoch = float("inf"), copy.deepcopy(head.state_dict()), 0, 0
-        for epoch in range(1, max_epochs + 1):
-            head.train()
-            order = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=gen)]
-            for start in range(0, len(order), batch_size):
-                b = order[start:start + batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss_fn(head(x[b]), y[b]).backward()
-                opt.step()
-            if len(val_idx) == 0:  # too few cells to hold any out: train the full budget
-                best_state, best_epoch = copy.deepcopy(head.state_dict()), epoch
-                continue
-            head.eval()
-            with torch.no_grad():
-                val_loss = float(loss_fn(head(x[val_idx]), y[val_idx]))
-            if val_loss < best_loss - 1e-6:
-                best_loss, best_state, best_epoch = val_loss, copy.deepcopy(head.state_dict()), epoch
-            elif epoch - best_epoch >= patience:
-                break
-    head.load_state_dict(best_state)
+        head.set_standardization(x[train_idx])
+        info = _train(lambda b: head(x[b]), [{"params": head.parameters(), "lr": lr}], head.train,
+                      lambda: copy.deepcopy(head.state_dict()), head.load_state_dict, y, train_idx, val_idx,
+                      class_weights(y_all[train_idx], len(classes)), batch_size=batch_size,
+                      max_epochs=max_epochs, patience=patience, weight_decay=weight_decay, seed=seed)
     head.eval()
-    head.training_info = {
-        "n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "best_epoch": best_epoch,
-        "epochs_run": epoch, "best_val_loss": None if best_loss == float("inf") else best_loss, "seed": seed,
-        "lr": lr, "weight_decay": weight_decay, "class_weighted": True}
+    head.training_info = {**info, "lr": lr}
     return head
+
+
+# defaults by where the gradient stops: head-only training on cached embeddings is cheap, every
+# epoch through the encoder is not
+_FROZEN_EMB = dict(lr={"linear": 1e-2, "mlp": 3e-3}, batch_size=128, max_epochs=300, patience=20)
+_THROUGH_ENCODER = dict(lr={"linear": 1e-2, "mlp": 3e-3, "scbert": 1e-3}, batch_size=32, max_epochs=50,
+                        patience=5)
+
+
+def fit_classifier(
+    model: Export,
+    counts: sp.csr_matrix,
+    labels: Any,
+    head: str = "auto",
+    mode: str = "frozen",
+    unfreeze: int | list[int] = 1,
+    *,
+    hidden: int = 128,
+    dropout: float | None = None,
+    lr: float | None = None,
+    encoder_lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    train_batch_size: int | None = None,
+    max_epochs: int | None = None,
+    patience: int | None = None,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+    cache_bytes: int = 2 << 30,
+) -> Classifier:
+    """Fine-tune a classifier on aligned raw counts [n, n_genes] (``align_to_vocab``) with labels [n].
+
+    ``head``: "auto" (the family's reference head: scbert for a Performer, linear for an
+    MAE), "linear", "mlp" or "scbert". ``mode``: "frozen", "partial" (the last
+    ``unfreeze`` blocks, plus a Performer's final norm) or "full" (see
+    ``evaluate.classifier``). The head learns at ``lr`` (linear 1e-2, mlp 3e-3, scbert
+    1e-3), the encoder at ``encoder_lr`` (1e-4, scBERT's fine-tuning rate). Batches of
+    ``train_batch_size`` (128 on frozen embeddings, else 32) for at most ``max_epochs``
+    (300 / 50), stopping ``patience`` (20 / 5) epochs after the best validation loss.
+    Frozen scbert features are computed once when they fit in ``cache_bytes``.
+    ``batch_size`` is the inference batch. Same seed, same classifier (on one device).
+    """
+    kind = resolve_kind(head, model.family)
+    if kind not in HEAD_KINDS:
+        raise EvaluateError(f"head: {head!r} is not one of {('auto', *HEAD_KINDS)}")
+    if counts.shape[0] != len(labels):
+        raise EvaluateError(f"fine-tuning: {counts.shape[0]} cells of counts but {len(labels)} labels")
+    frozen_emb = mode == "frozen" and kind != "scbert"
+    d = _FROZEN_EMB if frozen_emb else _THROUGH_ENCODER
+    lr = d["lr"][kind] if lr is None else lr
+    train_kw = dict(batch_size=train_batch_size or d["batch_size"], max_epochs=max_epochs or d["max_epochs"],
+                    patience=patience or d["patience"], weight_decay=weight_decay)
+    head_kw = dict(hidden=hidden, dropout=dropout, export_info=export_info(model))
+    if frozen_emb:  # the cheap path: embed once, train the head on the embeddings
+        emb = embed_counts(model, counts, batch_size=batch_size, device=device)
+        trained = fit_head(emb, labels, kind, lr=lr, val_fraction=val_fraction, seed=seed, **head_kw, **train_kw)
+        trained.fine_tuning = {"mode": "frozen", "unfreeze": None, "encoder_tensors": []}
+        return Classifier(export=model, head=trained, encoder=model.module, mode="frozen")
+    labels, classes, y_all = _encode_labels(labels)
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    dev = pick_device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dim = model.module.cfg.dim if model.family == "performer" else model.module.cfg.latent
+        h = Head(dim, classes, kind=kind, seq_len=model.n_genes + 1 if kind == "scbert" else None, **head_kw)
+        clf = Classifier.create(model, h, mode, unfreeze).to(dev)
+        feats = _prepare(clf, counts, train_idx, batch_size, cache_bytes, dev)
+        params = dict(clf.encoder.named_parameters())
+        groups = [{"params": list(h.parameters()), "lr": lr}]
+        if clf.tuned:
+            groups.append({"params": [params[n] for n in clf.tuned], "lr": encoder_lr})
+
+        def step_logits(b: np.ndarray) -> torch.Tensor:
+            if feats is not None:
+                return h(feats[torch.as_tensor(b, device=feats.device)])
+            return clf.logits(clf.inputs(counts, b, dev))
+
+        def set_mode(training: bool) -> None:
+            h.train(training)
+            clf.encoder.train(training and mode != "frozen")
+
+        def snapshot() -> dict:
+            return {"head": copy.deepcopy(h.state_dict()),
+                    "encoder": {n: params[n].detach().clone() for n in clf.tuned}}
+
+        def restore(state: dict) -> None:
+            h.load_state_dict(state["head"])
+            with torch.no_grad():
+                for n, t in state["encoder"].items():
+                    params[n].copy_(t)
+
+        y = torch.as_tensor(y_all, dtype=torch.long, device=dev)
+        weights = class_weights(y_all[train_idx], len(classes)).to(dev)
+        info = _train(step_logits, groups, set_mode, snapshot, restore, y, train_idx, val_idx, weights,
+                      seed=seed, eval_batch_size=batch_size, **train_kw)
+    clf.encoder.requires_grad_(False)
+    h.training_info = {**info, "lr": lr, "encoder_lr": encoder_lr if clf.tuned else None, "mode": mode}
+    return clf
+
+
+@torch.no_grad()
+def _prepare(clf: Classifier, counts: sp.csr_matrix, train_idx: np.ndarray, batch_size: int, cache_bytes: int,
+             dev: torch.device) -> torch.Tensor | None:
+    """Before any update: standardize a linear/mlp head with the training cells' embeddings; for a
+    frozen scbert head, return every cell's per-gene representations when they fit in ``cache_bytes``
+    (they never change, so the encoder runs once instead of every epoch)."""
+    clf.encoder.eval()
+    if clf.kind != "scbert":
+        clf.head.set_standardization(torch.cat([clf.features(clf.inputs(counts, b, dev)).cpu()
+                                                for b in _batches(train_idx, batch_size)]))
+        return None
+    seq_len, dim = clf.head.input_shape
+    if clf.mode != "frozen" or counts.shape[0] * seq_len * dim * 4 > cache_bytes:
+        return None
+    return torch.cat([clf.features(clf.inputs(counts, slice(i, i + batch_size), dev))
+                      for i in range(0, counts.shape[0], batch_size)])
 
 
 def export_info(model: Export) -> dict:
@@ -142,8 +302,10 @@ def finetune(
     model: Export | str | Path,
     reference: Any,
     label_key: str,
-    head: str = "linear",
+    head: str = "auto",
     *,
+    mode: str = "frozen",
+    unfreeze: int | list[int] = 1,
     save_to: str | Path | None = None,
     layer: str | None = None,
     min_coverage: float = 0.5,
@@ -152,23 +314,28 @@ def finetune(
     seed: int = 0,
     verbose: bool = True,
     **fit_kwargs: Any,
-) -> Head:
-    """Fine-tune a ``head`` ("linear" | "mlp") on the frozen embeddings of a labelled AnnData.
+) -> Classifier:
+    """Fine-tune a classifier on the labelled cells of ``reference``; returns it.
 
-    The encoder stays frozen; only the head trains (see ``fit_head`` for the keyword
-    arguments). With ``save_to`` the head is written there as head.safetensors + head.json.
+    ``head``: "auto" (scbert for a Performer export, linear for an MAE export), "linear",
+    "mlp" or "scbert". ``mode``: "frozen" (only the head trains), "partial" (the last
+    ``unfreeze`` encoder blocks too, plus a Performer's final norm) or "full". Other
+    keyword arguments go to ``fit_classifier``. With ``save_to`` the head (and the
+    fine-tuned encoder tensors) are written there: head.safetensors + head.json
+    (+ encoder.safetensors); reuse with ``annotate(..., head=save_to)``.
     """
     model = as_export(model)
     labels, rows = labels_of(reference, label_key)
-    emb, _ = compute_embeddings(model, reference, batch_size=batch_size, layer=layer,
-                                min_coverage=min_coverage, device=device, name="reference", verbose=verbose)
-    trained = fit_head(emb[rows], labels, kind=head, seed=seed, export_info=export_info(model), **fit_kwargs)
+    counts, _ = align_to_vocab(reference, model.vocab, min_coverage=min_coverage, layer=layer,
+                               name="reference", verbose=verbose)
+    clf = fit_classifier(model, counts[rows], labels, head, mode, unfreeze, seed=seed, device=device,
+                         batch_size=batch_size, **fit_kwargs)
     if verbose:
-        info = trained.training_info
-        print(f"head ({head}): {len(trained.classes)} classes, {info['n_train']} training / {info['n_val']} "
+        info = clf.head.training_info
+        print(f"{clf.describe()}: {len(clf.classes)} classes, {info['n_train']} training / {info['n_val']} "
               f"validation cells, best epoch {info['best_epoch']} of {info['epochs_run']}")
     if save_to is not None:
-        trained.save(save_to)
+        clf.save(save_to)
         if verbose:
             print(f"head saved to {save_to}")
-    return trained
+    return clf

@@ -1,9 +1,19 @@
-"""Classification heads on frozen embeddings, saved as safetensors + JSON.
+"""Classification heads, saved as safetensors + JSON.
 
-A head standardizes its input with the training embeddings' mean and std (kept as
-buffers, so a saved head carries them) and then applies a linear probe or a
-one-hidden-layer MLP. The JSON side records the classes and dimensions, and the
-export the head was trained on, so it is never applied to another encoder's embeddings.
+Three kinds:
+
+* ``linear`` — the MAE reference's downstream head: one linear layer on the cell
+  embedding (standardized with the training embeddings' mean and std, kept as
+  buffers so a saved head carries them; an affine map, so still a linear probe);
+* ``mlp`` — the same input, one hidden layer;
+* ``scbert`` — the scBERT fine-tuning head, on the *per-gene* representations
+  [B, G+1, dim] of a Performer encoder: a width-1 convolution folds each position's
+  ``dim`` features into one channel, then ReLU, Linear(G+1 -> 512), ReLU,
+  Linear(512 -> 128), ReLU, Linear(128 -> n_classes).
+
+The JSON side records the classes and dimensions, the export the head was trained
+on (so it is never applied to another encoder's outputs) and, when the encoder was
+fine-tuned too, which encoder tensors were replaced (see ``evaluate.classifier``).
 """
 from __future__ import annotations
 
@@ -21,34 +31,68 @@ from torch import nn
 from evaluate.errors import EvaluateError
 
 HEAD_FORMAT_VERSION = 1
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = ("linear", "mlp", "scbert")
 WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "head.json"
+SCBERT_HIDDEN = (512, 128)  # the reference head's two hidden widths
+
+
+class ScBertNet(nn.Module):
+    """Per-gene representations [B, seq_len, dim] -> logits [B, n_classes] (scBERT's head)."""
+
+    def __init__(self, seq_len: int, dim: int, n_classes: int, dropout: float = 0.0):
+        super().__init__()
+        # kernel size 1 over positions == one shared dim -> 1 projection per gene position
+        self.conv = nn.Conv1d(dim, 1, kernel_size=1)
+        h1, h2 = SCBERT_HIDDEN
+        self.mlp = nn.Sequential(nn.ReLU(), nn.Linear(seq_len, h1), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(h1, h2), nn.ReLU(), nn.Dropout(dropout), nn.Linear(h2, n_classes))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.conv(h.transpose(1, 2)).squeeze(1))
 
 
 class Head(nn.Module):
-    """Logits over ``classes`` from an embedding [B, in_dim]."""
+    """Logits over ``classes``: from a cell embedding [B, in_dim] (linear, mlp) or from per-gene
+    representations [B, seq_len, in_dim] (scbert)."""
 
     def __init__(self, in_dim: int, classes: list[str], kind: str = "linear", hidden: int = 128,
-                 dropout: float = 0.1, export_info: dict | None = None):
+                 dropout: float | None = None, export_info: dict | None = None, seq_len: int | None = None):
         super().__init__()
         if kind not in HEAD_KINDS:
             raise EvaluateError(f"head: kind {kind!r} is not one of {HEAD_KINDS}")
-        self.kind, self.in_dim, self.hidden, self.dropout = kind, int(in_dim), int(hidden), float(dropout)
+        if kind == "scbert" and not seq_len:
+            raise EvaluateError("head: the scbert head needs seq_len (the encoder's n_genes + 1 positions)")
+        # the reference heads: dropout 0.1 in the MLP, none in scBERT's (it fine-tuned with dropout 0)
+        dropout = (0.0 if kind == "scbert" else 0.1) if dropout is None else float(dropout)
+        self.kind, self.in_dim, self.hidden, self.dropout = kind, int(in_dim), int(hidden), dropout
+        self.seq_len = int(seq_len) if kind == "scbert" else None
         self.classes = [str(c) for c in classes]
-        # which encoder produced the training embeddings: family, embedding_key, vocab and weights hashes
+        # which encoder produced the training inputs: family, embedding_key, vocab and weights hashes
         self.export_info = dict(export_info or {})
         self.training_info: dict[str, Any] = {}
+        # how the encoder was treated (mode, unfrozen tensors); filled in by evaluate.classifier
+        self.fine_tuning: dict[str, Any] = {"mode": "frozen"}
+        n = len(self.classes)
+        if kind == "scbert":
+            self.net = ScBertNet(self.seq_len, self.in_dim, n, self.dropout)
+            return
         self.register_buffer("mean", torch.zeros(self.in_dim))
         self.register_buffer("std", torch.ones(self.in_dim))
-        n = len(self.classes)
         if kind == "linear":
             self.net = nn.Sequential(nn.Linear(self.in_dim, n))
         else:
             self.net = nn.Sequential(nn.Linear(self.in_dim, self.hidden), nn.ReLU(), nn.Dropout(self.dropout),
                                      nn.Linear(self.hidden, n))
 
-    def set_standardization(self, embeddings: np.ndarray) -> None:
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input row: (in_dim,) or (seq_len, in_dim)."""
+        return (self.seq_len, self.in_dim) if self.kind == "scbert" else (self.in_dim,)
+
+    def set_standardization(self, embeddings: np.ndarray | torch.Tensor) -> None:
+        if self.kind == "scbert":  # its inputs come out of the encoder's final LayerNorm already
+            return
         with torch.no_grad():
             x = torch.as_tensor(embeddings, dtype=torch.float32)
             self.mean.copy_(x.mean(0))
@@ -56,23 +100,29 @@ class Head(nn.Module):
             self.std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.kind == "scbert":
+            return self.net(z)
         return self.net((z - self.mean) / self.std)
 
     @torch.no_grad()
-    def predict_proba(self, embeddings: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    def predict_proba(self, inputs: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """Softmax probabilities [n, n_classes] (columns in ``self.classes`` order)."""
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.in_dim:
-            raise EvaluateError(f"head: embeddings have shape {embeddings.shape}, the head expects "
-                                f"[n, {self.in_dim}]; use the export the head was trained on")
+        inputs = np.asarray(inputs)
+        if inputs.shape[1:] != self.input_shape:
+            raise EvaluateError(f"head: inputs have shape {inputs.shape}, the head expects "
+                                f"[n, {', '.join(map(str, self.input_shape))}]; use the export the head was "
+                                "trained on")
         was_training = self.training
         self.eval()
-        out = [torch.softmax(self(torch.as_tensor(embeddings[i:i + batch_size], dtype=torch.float32)), dim=1)
-               for i in range(0, len(embeddings), batch_size)]
+        dev = next(self.parameters()).device
+        out = [torch.softmax(self(torch.as_tensor(inputs[i:i + batch_size], dtype=torch.float32, device=dev)),
+                             dim=1).cpu()
+               for i in range(0, len(inputs), batch_size)]
         self.train(was_training)
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
     def check_compatible(self, export: Any) -> None:
-        """Refuse embeddings from another encoder than the one this head was trained on."""
+        """Refuse an encoder other than the one this head was trained on."""
         for key, have in (("family", export.family), ("vocab_sha256", export.vocab_sha256),
                           ("weights_sha256", export.weights_sha256)):
             want = self.export_info.get(key)
@@ -80,16 +130,26 @@ class Head(nn.Module):
                 raise EvaluateError(
                     f"head: trained on an export with {key} {str(want)[:12]}…, but {export.path} has "
                     f"{str(have)[:12]}…; fine-tune a new head on this export (python -m evaluate finetune)")
+        if self.kind == "scbert" and export.n_genes + 1 != self.seq_len:
+            raise EvaluateError(f"head: a scbert head over {self.seq_len} positions, but {export.path} has "
+                                f"{export.n_genes} genes (+1); use the export the head was trained on")
 
     def config(self) -> dict:
-        return {"format_version": HEAD_FORMAT_VERSION, "kind": self.kind, "in_dim": self.in_dim,
-                "n_classes": len(self.classes), "classes": self.classes, "hidden": self.hidden,
-                "dropout": self.dropout, "export": self.export_info, "training": self.training_info}
+        cfg = {"format_version": HEAD_FORMAT_VERSION, "kind": self.kind, "in_dim": self.in_dim,
+               "n_classes": len(self.classes), "classes": self.classes, "hidden": self.hidden,
+               "dropout": self.dropout, "export": self.export_info, "training": self.training_info,
+               "fine_tuning": self.fine_tuning}
+        if self.kind == "scbert":
+            cfg.update(seq_len=self.seq_len, scbert_hidden=list(SCBERT_HIDDEN))
+        return cfg
 
     def save(self, directory: str | Path) -> Path:
         """Write ``head.safetensors`` and ``head.json`` into ``directory`` (created if needed)."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EvaluateError(f"{d}: cannot create the head directory ({e}); pass another --out") from e
         # temp file + rename: a crash never leaves a half-written head next to a valid one
         tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp", d / f".{CONFIG_FILE}.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp_w),
@@ -118,11 +178,19 @@ class Head(nn.Module):
         if cfg.get("format_version", 1) > HEAD_FORMAT_VERSION:
             raise EvaluateError(f"{cfg_path}: format_version {cfg['format_version']} is newer than this "
                                 "reader; upgrade scpretrain")
+        if cfg["kind"] not in HEAD_KINDS:
+            raise EvaluateError(f"{cfg_path}: field 'kind' is {cfg['kind']!r}, not one of {HEAD_KINDS}; "
+                                "save the head again")
         head = cls(cfg["in_dim"], cfg["classes"], kind=cfg["kind"], hidden=cfg.get("hidden", 128),
-                   dropout=cfg.get("dropout", 0.1), export_info=cfg.get("export"))
+                   dropout=cfg.get("dropout"), export_info=cfg.get("export"), seq_len=cfg.get("seq_len"))
         head.training_info = cfg.get("training", {})
-        with safe_open(str(w_path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        head.fine_tuning = cfg.get("fine_tuning", {"mode": "frozen"})
+        try:
+            with safe_open(str(w_path), framework="pt", device="cpu") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise EvaluateError(f"{w_path}: not a readable safetensors file ({e}); save the head again"
+                                ) from e
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as e:

@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from evaluate.annotate import UNASSIGNED
+from evaluate.errors import EvaluateError
 from evaluate.metrics import confusion
 
 
@@ -38,6 +40,78 @@ def plot_confusion(y_true: Any, y_pred: Any, path: str | Path, labels: list[str]
                     ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if frac[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, label="fraction of true class")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def umap_coordinates(embedding: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """2-D UMAP [n, 2] of an embedding, seeded so a re-run draws the same picture.
+
+    Exactly the scanpy workflow a user would run on ``obsm["X_<family>"]``:
+    ``sc.pp.neighbors(use_rep=...)`` then ``sc.tl.umap``, on a throwaway AnnData so the
+    caller's object gains no graph. The first call in a process compiles umap-learn's
+    numba code (several seconds); later calls are fast.
+    """
+    try:
+        import anndata
+        import scanpy as sc  # lazily: only pictures need it
+    except ImportError as e:
+        raise EvaluateError("UMAP pictures need scanpy (pip install scanpy); pass umap=False / --no-umap "
+                            "to skip them") from e
+    x = np.asarray(embedding, dtype=np.float32)
+    if len(x) < 4:
+        raise EvaluateError(f"UMAP: {len(x)} cells are too few to draw; it needs at least 4")
+    tmp = anndata.AnnData(np.zeros((len(x), 0), np.float32))
+    tmp.obsm["X_rep"] = x
+    sc.pp.neighbors(tmp, use_rep="X_rep", n_neighbors=max(2, min(n_neighbors, len(x) - 1)), random_state=seed)
+    sc.tl.umap(tmp, random_state=seed)
+    return np.asarray(tmp.obsm["X_umap"])
+
+
+def _palette(categories: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"] if len(categories) > 10 else colormaps["tab10"]
+    known = [c for c in categories if c != UNASSIGNED]
+    colours = {c: cmap(i % cmap.N) for i, c in enumerate(known)}
+    colours[UNASSIGNED] = (0.75, 0.75, 0.75, 1.0)  # light grey: "no call" should not look like a type
+    return colours
+
+
+def plot_umap(coords: np.ndarray, colourings: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """One UMAP panel per colouring (e.g. {"predicted": ..., "true": ...}) side by side, as a PNG.
+
+    ``coords``: [n, 2] from :func:`umap_coordinates`. Categories share one colour per name across
+    panels, so a true type and its prediction look alike; "Unassigned" is grey.
+    """
+    cats: list[str] = []
+    for values in colourings.values():
+        cats += [c for c in dict.fromkeys(np.asarray(values).astype(str).tolist()) if c not in cats]
+    cats = sorted(c for c in cats if c != UNASSIGNED) + ([UNASSIGNED] if UNASSIGNED in cats else [])
+    colours = _palette(cats)
+    n = len(colourings)
+    fig = Figure(figsize=(5.0 * n + 2.2, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    size = float(np.clip(3000.0 / max(len(coords), 1), 2.0, 30.0))
+    for ax, (name, values) in zip(axes, colourings.items()):
+        values = np.asarray(values).astype(str)
+        for c in cats:
+            sel = values == c
+            if sel.any():
+                ax.scatter(coords[sel, 0], coords[sel, 1], s=size, color=colours[c], label=c, linewidths=0)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP1")
+        ax.set_ylabel("UMAP2")
+    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=max(1.0, 12 / size),
+                    frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Held-out evaluation of an export against simple baselines: what the demo prints.
 
 One stratified split of the labelled cells; on the held-out part it scores (a) a head
-fine-tuned on the export's embeddings, (b) kNN on the same embeddings, (c) logistic
-regression on log-normalized expression and (d) always predicting the majority class.
+fine-tuned on the export (encoder frozen, partly or fully unfrozen), (b) kNN on the
+export's embeddings, (c) logistic regression on log-normalized expression and (d)
+always predicting the majority class.
 A pretrained encoder earns its keep only where (a) and (b) beat (c) and (d).
 """
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from evaluate.align import count_source
-from evaluate.annotate import UNASSIGNED, assign, knn_proba
-from evaluate.embedding import as_export, compute_embeddings
+from evaluate.align import align_to_vocab, count_source
+from evaluate.annotate import UNASSIGNED, assign, knn_proba, write_pictures
+from evaluate.embedding import as_export, embed_counts
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export
-from evaluate.finetune import export_info, fit_head, labels_of, stratified_split
+from evaluate.finetune import fit_classifier, labels_of, stratified_split
 
 
 def log_normalize(counts: Any, target_sum: float = 1e4) -> sp.csr_matrix:
@@ -48,11 +49,14 @@ def report(
     label_key: str,
     test_size: float = 0.3,
     seed: int = 0,
-    head: str = "linear",
+    head: str = "auto",
     out_dir: str | Path | None = None,
     *,
+    mode: str = "frozen",
+    unfreeze: int | list[int] = 1,
     k: int = 5,
     threshold: float = 0.5,
+    umap: bool = True,
     layer: str | None = None,
     min_coverage: float = 0.5,
     batch_size: int = 512,
@@ -62,9 +66,12 @@ def report(
 ) -> dict[str, Any]:
     """Score the export on a held-out ``test_size`` of ``adata``'s labelled cells; returns the numbers.
 
-    With ``out_dir``, writes ``report.json`` and ``confusion_matrix.png`` (the head's
-    predictions) there. Accuracy and macro F1 use each method's top prediction; the
-    head's "Unassigned" rate at ``threshold`` is reported beside them.
+    The head ("auto": scbert for a Performer, linear for an MAE) is fine-tuned in ``mode``
+    ("frozen", "partial", "full"; see ``evaluate.classifier``) on the training part. With
+    ``out_dir``, writes ``report.json``, ``confusion_matrix.png`` (the head's predictions)
+    and ``umap.png`` (held-out cells' embeddings coloured by true label and by prediction;
+    ``umap=False`` skips it) there. Accuracy and macro F1 use each method's top
+    prediction; the head's "Unassigned" rate at ``threshold`` is reported beside them.
     """
     from evaluate.metrics import classification_metrics  # scikit-learn, only needed here
 
@@ -74,27 +81,29 @@ def report(
     if len(test) == 0:
         raise EvaluateError(f"adata: no class of obs[{label_key!r}] has 2 or more cells, so none can be "
                             "held out; report needs several labelled cells per class")
-    emb, cov = compute_embeddings(model, adata, batch_size=batch_size, layer=layer, min_coverage=min_coverage,
-                                  device=device, verbose=verbose)
-    emb = emb[rows]
+    counts, cov = align_to_vocab(adata, model.vocab, min_coverage=min_coverage, layer=layer, name="adata",
+                                 verbose=verbose)
+    counts = counts[rows]
+    emb = embed_counts(model, counts, batch_size=batch_size, device=device)
     classes = sorted(set(labels.tolist()))
     y_tr, y_te = labels[train], labels[test]
 
-    trained = fit_head(emb[train], y_tr, kind=head, seed=seed, export_info=export_info(model), **fit_kwargs)
-    head_proba = trained.predict_proba(emb[test])
-    head_pred = np.asarray(trained.classes)[head_proba.argmax(axis=1)]
+    clf = fit_classifier(model, counts[train], y_tr, head, mode, unfreeze, seed=seed, device=device,
+                         batch_size=batch_size, **fit_kwargs)
+    head_proba, _ = clf.predict(counts[test], batch_size=batch_size, device=device)
+    head_pred = np.asarray(clf.classes)[head_proba.argmax(axis=1)]
     knn_p, knn_classes = knn_proba(emb[train], y_tr, emb[test], k=k)
     knn_pred = np.asarray(knn_classes)[knn_p.argmax(axis=1)]
     x, _, _, _ = count_source(adata, layer)
     x = sp.csr_matrix(x)[rows]
     lr_pred = logreg_predict(x[train], y_tr, x[test], seed=seed)
-    values, counts = np.unique(y_tr, return_counts=True)
-    majority = str(values[counts.argmax()])
+    values, n_per_class = np.unique(y_tr, return_counts=True)
+    majority = str(values[n_per_class.argmax()])
 
-    head_labels, _ = assign(head_proba, trained.classes, threshold)
+    head_labels, _ = assign(head_proba, clf.classes, threshold)
     unassigned = float(np.mean(head_labels == UNASSIGNED)) if len(test) else 0.0
     methods = {
-        "head": (f"{head} head on {model.embedding_key}", head_pred),
+        "head": (f"{clf.describe()} ({model.embedding_key})", head_pred),
         "knn": (f"kNN (k={k}, cosine) on {model.embedding_key}", knn_pred),
         "logreg": ("logistic regression on log-normalized expression", lr_pred),
         "majority": (f"majority class ({majority})", np.full(len(y_te), majority)),
@@ -103,20 +112,19 @@ def report(
         "export": str(model.path), "family": model.family, "label_key": label_key,
         "n_cells": int(len(labels)), "n_train": int(len(train)), "n_test": int(len(test)),
         "test_size": test_size, "seed": seed, "classes": classes, "coverage": cov.to_dict(),
-        "head_training": trained.training_info,
+        "head": clf.kind, "mode": mode, "head_training": clf.head.training_info,
         "head_unassigned_fraction": unassigned,
         "threshold": threshold,
         "methods": {name: {"description": desc, **classification_metrics(y_te, pred, classes)}
                     for name, (desc, pred) in methods.items()},
     }
     if out_dir is not None:
-        from evaluate.plots import plot_confusion  # matplotlib only when a figure is asked for
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        png = plot_confusion(y_te, head_pred, out / "confusion_matrix.png", labels=classes,
-                             title=f"{model.family} export, {head} head: held-out cells")
-        rep["files"] = {"report": str(out / "report.json"), "confusion_matrix": str(png)}
+        title = f"{model.family} export, {clf.describe()}: held-out cells"
+        files = write_pictures(out, emb[test], head_pred, title, truth=y_te, classes=classes, seed=seed,
+                               umap=umap)
+        rep["files"] = {"report": str(out / "report.json"), **files}
         (out / "report.json").write_text(json.dumps(rep, indent=2))
     return rep
 
@@ -133,5 +141,5 @@ def format_table(rep: dict[str, Any]) -> str:
     lines.append(f"head: {rep['head_unassigned_fraction']:.1%} of held-out cells Unassigned at threshold "
                  f"{rep['threshold']}")
     if "files" in rep:
-        lines.append(f"wrote {rep['files']['report']} and {rep['files']['confusion_matrix']}")
+        lines.append("wrote " + ", ".join(rep["files"].values()))
     return "\n".join(lines)

@@ -28,6 +28,10 @@ class PerformerConfig:
     dropout: float = 0.0
     n_tokens: int = 7
     freeze_gene_embedding: bool = True
+    # Width of the gene identity table; None means ``dim``. When it differs (e.g. 1536-d GenePT
+    # text embeddings), a trainable bias-free Linear(gene_embedding_dim -> dim) maps it, so the
+    # appended pad position stays a zero vector.
+    gene_embedding_dim: int | None = None
     # Seed of the FAVOR+ redraws: every rank draws the same matrices (the reference
     # used each rank's own RNG, so ranks diverged after the first redraw).
     redraw_seed: int = 0
@@ -41,10 +45,12 @@ class PerformerEncoder(nn.Module):
         self.cfg = cfg
         self.seq_len = cfg.n_genes + 1  # scBERT appends one zero position
         self.token_emb = nn.Embedding(cfg.n_tokens, cfg.dim)
-        self.gene_emb = nn.Embedding(self.seq_len, cfg.dim)
+        width = cfg.gene_embedding_dim or cfg.dim
+        self.gene_emb = nn.Embedding(self.seq_len, width)
         with torch.no_grad():
             self.gene_emb.weight[-1].zero_()
         self.gene_emb.weight.requires_grad_(not cfg.freeze_gene_embedding)
+        self.gene_proj = nn.Linear(width, cfg.dim, bias=False) if width != cfg.dim else None
         self.performer = Performer(
             dim=cfg.dim, depth=cfg.depth, heads=cfg.heads, dim_head=cfg.dim_head,
             nb_features=cfg.nb_features, feature_redraw_interval=cfg.feature_redraw_interval,
@@ -57,11 +63,20 @@ class PerformerEncoder(nn.Module):
         self.register_buffer("redraws", torch.zeros((), dtype=torch.long))
 
     def load_gene_embedding(self, weights: torch.Tensor) -> None:
-        """Copy a [n_genes, dim] gene-identity matrix (e.g. gene2vec) in; cast to float32."""
-        if tuple(weights.shape) != (self.cfg.n_genes, self.cfg.dim):
-            raise ValueError(f"gene embedding has shape {tuple(weights.shape)}, expected ({self.cfg.n_genes}, {self.cfg.dim})")
+        """Copy a [n_genes, width] gene-identity matrix (e.g. gene2vec) in, cast to float32 (the
+        reference kept gene2vec float64, which DeepSpeed's fp32/bf16 engines cannot hold)."""
+        expected = (self.cfg.n_genes, self.gene_emb.weight.shape[1])
+        if tuple(weights.shape) != expected:
+            raise ValueError(f"gene embedding has shape {tuple(weights.shape)}, expected {expected} "
+                             "(n_genes, gene_embedding_dim or dim)")
         with torch.no_grad():
             self.gene_emb.weight[:-1].copy_(weights.to(torch.float32))
+            self.gene_emb.weight[-1].zero_()
+
+    def gene_identity(self) -> torch.Tensor:
+        """[G+1, dim] gene identity vectors (projected when the table is wider than ``dim``)."""
+        g = self.gene_emb.weight
+        return self.gene_proj(g) if self.gene_proj is not None else g
 
     @torch.no_grad()
     def redraw_projections(self) -> None:
@@ -85,7 +100,7 @@ class PerformerEncoder(nn.Module):
         if tokens.shape[1] != self.seq_len:
             raise ValueError(f"expected {self.seq_len} positions (n_genes + 1), got {tokens.shape[1]}")
         self._maybe_redraw()
-        x = self.token_emb(tokens) + self.gene_emb.weight.unsqueeze(0)
+        x = self.token_emb(tokens) + self.gene_identity().unsqueeze(0)
         return self.norm(self.performer(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

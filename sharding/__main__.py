@@ -1,6 +1,10 @@
 """python -m sharding build | inspect | verify
 
-  python -m sharding build --source data/*.h5ad --source synthetic://cells=50000 --out corpus/ --format both
+  python -m sharding build --source 'data/*.h5ad' --source synthetic://cells=50000 --out corpus/ --format both
+  python -m sharding build --source 'runs/*/outs/filtered_feature_bc_matrix' --source s1.h5 --out corpus/
+  python -m sharding build --source 'soma://atlas.soma?measurement=RNA&layer=raw&filter=tissue == "lung"' ...
+  python -m sharding build --source census:homo_sapiens --census-uri /data/census \
+      --census-filter "tissue_general == 'lung' and is_primary_data == True" --out corpus/
   python -m sharding inspect corpus/
   python -m sharding verify corpus/      # exit 0 and "OK", or 1 naming each bad shard
 
@@ -21,8 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a corpus from sources")
     b.add_argument("--source", action="append", required=True, metavar="SPEC",
-                   help="an .h5ad path or glob, or "
-                        "synthetic://cells=N,genes=G,types=T,datasets=D,seed=S,density=F")
+                   help="an .h5ad path or glob; a 10x matrix.mtx directory or CellRanger .h5 (globs too); "
+                        "soma://PATH[?measurement=RNA&layer=raw&filter=EXPR]; "
+                        "census:ORGANISM[?uri=&version=&filter=EXPR]; or "
+                        "synthetic://cells=N,genes=G,types=T,datasets=D,seed=S,density=F (repeatable)")
     b.add_argument("--out", required=True, type=Path, metavar="DIR")
     b.add_argument("--vocab", type=Path, metavar="FILE",
                    help="vocab.tsv (gene_id<TAB>symbol); default: the union of the sources' genes")
@@ -41,7 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--holdout", metavar="COL=VAL[,VAL]", help="mark matching cells split=holdout")
     b.add_argument("--codec", default="zstd", choices=("zstd", "lz4", "blosc-zstd"))
     b.add_argument("--allow-non-integer", action="store_true", help="accept non-integer (normalized) values")
+    b.add_argument("--census-uri", metavar="URI",
+                   help="a local or remote copy of the Census (default: the hosted Census, needs network)")
+    b.add_argument("--census-version", metavar="VERSION",
+                   help="Census release, e.g. 2025-01-30 (default: stable; checked against --census-uri's build)")
+    b.add_argument("--census-filter", metavar="EXPR",
+                   help="obs value filter for census: sources, e.g. \"tissue_general == 'lung' and "
+                        "is_primary_data == True\"")
     b.add_argument("--overwrite", action="store_true", help="rebuild over an existing corpus")
+    b.add_argument("--jobs", type=int, default=0, metavar="N",
+                   help="processes writing shards (default 0: up to 4 for corpora of 100k cells or more, "
+                        "else 1)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     i = sub.add_parser("inspect", help="print a summary of a corpus")
@@ -59,7 +75,8 @@ def _build(args: argparse.Namespace) -> int:
         cells_per_shard=args.cells_per_shard, keep_obs=[c for c in args.keep_obs.split(",") if c],
         label_key=args.label_key, dataset_key=args.dataset_key, matrix=args.matrix, min_genes=args.min_genes,
         holdout=args.holdout, codec=args.codec, seed=args.seed, min_coverage=args.min_coverage,
-        allow_non_integer=args.allow_non_integer, overwrite=args.overwrite,
+        allow_non_integer=args.allow_non_integer, overwrite=args.overwrite, census_uri=args.census_uri,
+        census_version=args.census_version, census_filter=args.census_filter, jobs=args.jobs,
         progress=False if args.no_progress else None)
     build(cfg)
     return 0

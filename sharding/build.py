@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import shutil
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,19 +38,21 @@ from sharding import manifest as mf
 from sharding import soma_store, zarr_store
 from sharding.errors import InputError
 from sharding.obs import FIXED_COLUMNS, ObsPlan, plan_obs
-from sharding.sources import Source, open_sources
+from sharding.sources import CensusOptions, Source, open_sources
 from sharding.spool import Categories, ShardSpool
 from sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, parse_matrix
 from sharding.vocab import Alignment, Vocab, align, check_coverage, derive_vocab
 
 FORMATS = ("zarr", "soma", "both")
 _COUNTED = ("cell_type", "dataset_id", "split")  # per-shard tallies summed into the manifest
+AUTO_JOBS_MIN_CELLS = 100_000  # below this, --jobs 0 (auto) writes shards in the main process
 _OWNED = {"manifest.json", mf.MANIFEST_TMP, "vocab.tsv", "zarr", "soma", ".build"}
 
 
 @dataclass
 class BuildConfig:
-    """Everything that decides a corpus; all but out, overwrite and progress enter the resume fingerprint."""
+    """Everything that decides a corpus; all but out, overwrite, progress and jobs enter the resume
+    fingerprint."""
 
     sources: list[str]
     out: Path
@@ -65,6 +69,10 @@ class BuildConfig:
     seed: int = 0
     min_coverage: float = 0.5
     allow_non_integer: bool = False
+    jobs: int = 1  # pass-2 worker processes; 0: auto (see pass2_jobs)
+    census_uri: str | None = None
+    census_version: str | None = None
+    census_filter: str | None = None
     block_rows: int = 8192
     spool_bytes: int = 256 << 20
     overwrite: bool = False
@@ -84,7 +92,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict[str, Any
     out = Path(cfg.out)
     _prepare_out(out, cfg.overwrite)
     vocab_in = Vocab.from_pairs(mf.read_vocab(cfg.vocab)) if cfg.vocab else None
-    sources = open_sources(cfg.sources, matrix=cfg.matrix, vocab=vocab_in)
+    census = CensusOptions(uri=cfg.census_uri, version=cfg.census_version, filter=cfg.census_filter)
+    sources = open_sources(cfg.sources, matrix=cfg.matrix, vocab=vocab_in, census=census)
     try:
         for s in sources:
             for note in s.notes:
@@ -123,8 +132,8 @@ def _check_config(cfg: BuildConfig) -> None:
         raise InputError("no --source given; pass --source PATH.h5ad or --source synthetic://cells=1000")
     if cfg.format not in FORMATS:
         raise InputError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
-    if cfg.cells_per_shard < 1 or cfg.min_genes < 0 or cfg.block_rows < 1:
-        raise InputError("--cells-per-shard must be >= 1 and --min-genes >= 0")
+    if cfg.cells_per_shard < 1 or cfg.min_genes < 0 or cfg.block_rows < 1 or cfg.jobs < 0:
+        raise InputError("--cells-per-shard must be >= 1, --min-genes >= 0 and --jobs >= 0")
     if not 0.0 <= cfg.min_coverage <= 1.0:
         raise InputError(f"--min-coverage {cfg.min_coverage}: must be between 0 and 1")
     zarr_store.make_codec(cfg.codec)
@@ -180,7 +189,8 @@ def _plan_source(source: Source, vocab: Vocab, cfg: BuildConfig, log: Callable[[
 
 
 def _fingerprint(cfg: BuildConfig, sources: list[Source], vocab: Vocab) -> str:
-    decided = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "progress")}
+    # jobs only changes how fast the same shards are written
+    decided = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "progress", "jobs")}
     decided["vocab"] = mf.vocab_sha256(vocab.gene_ids)
     decided["sources"] = [s.fingerprint() for s in sources]
     return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
@@ -263,8 +273,7 @@ def _pass1(plans: list[_Plan], cfg: BuildConfig, vocab: Vocab, string_cols: list
 
 def _source_stats(plan: _Plan, kept: int, dropped: int) -> dict[str, Any]:
     src = plan.source
-    return {"spec": src.spec, "kind": src.kind,
-            "sha256": mf.file_sha256(src.path) if src.path is not None else None,
+    return {"spec": src.spec, "kind": src.kind, "sha256": src.sha256(), **src.provenance(),
             "n_cells_in": src.n_cells, "n_cells_kept": kept, "n_dropped_min_genes": dropped,
             "matrix": src.matrix, "gene_coverage": round(plan.alignment.gene_coverage, 6),
             "vocab_coverage": round(plan.alignment.vocab_coverage, 6),
@@ -278,40 +287,98 @@ def _done_shards(build_dir: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+@dataclass
+class _Pass2:
+    """What writing one shard needs; sent once to each worker process."""
+
+    out: Path
+    seed: int
+    codec: str
+    format: str
+    n_shards: int
+    n_genes: int
+    spool_bytes: int
+    string_cols: list[str]
+    categories: dict[str, list[str]]
+    var: pd.DataFrame
+    offsets: np.ndarray
+    soma_resumed: bool
+
+
+_WORKER: _Pass2 | None = None  # set in each pass-2 worker process by _init_worker
+
+
 def _pass2(state: dict[str, Any], cfg: BuildConfig, vocab: Vocab, string_cols: list[str],
            out: Path) -> list[dict[str, Any]]:
     build_dir = out / ".build"
     (build_dir / "done").mkdir(parents=True, exist_ok=True)
-    n_shards, sizes = state["n_shards"], state["shard_sizes"]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    spool = ShardSpool(build_dir / "spool", n_shards, len(vocab), len(string_cols), cfg.spool_bytes)
-    cats = {c: Categories(v) for c, v in state["categories"].items()}
-    var = pd.DataFrame({"symbol": vocab.symbols}, index=pd.Index(vocab.gene_ids, name=None))
-    soma_uri = out / "soma"
-    soma_resumed = cfg.format != "zarr" and _soma_ready(build_dir, soma_uri, state, vocab, string_cols)
+    n_shards = state["n_shards"]
+    job = _Pass2(out=out, seed=cfg.seed, codec=cfg.codec, format=cfg.format, n_shards=n_shards,
+                 n_genes=len(vocab), spool_bytes=cfg.spool_bytes, string_cols=string_cols,
+                 categories=state["categories"],
+                 var=pd.DataFrame({"symbol": vocab.symbols}, index=pd.Index(vocab.gene_ids, name=None)),
+                 offsets=np.concatenate([[0], np.cumsum(state["shard_sizes"])]).astype(np.int64),
+                 soma_resumed=cfg.format != "zarr" and _soma_ready(build_dir, out / "soma", state, vocab,
+                                                                   string_cols))
     if cfg.format != "soma":
         (out / "zarr").mkdir(exist_ok=True)
-    done = _done_shards(build_dir)
-    for shard in tqdm(range(n_shards), desc="pass 2 (shuffle, write shards)", unit="shard",
-                      disable=_no_bar(cfg)):
-        if shard in done:
-            continue
-        csr, cell_ids, codes = spool.read(shard)
-        perm = np.random.default_rng([cfg.seed, 2, shard]).permutation(csr.shape[0])
-        csr, cell_ids, codes = csr[perm], cell_ids[perm], codes[perm]
-        obs = pd.DataFrame({"cell_id": cell_ids}, index=pd.Index(cell_ids.astype(str)))
-        for i, col in enumerate(string_cols):
-            obs[col] = cats[col].decode(codes[:, i])
-        record = {"n_cells": int(csr.shape[0]), "nnz": int(csr.nnz), "sha256": None,
-                  "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items()} for c in _COUNTED}}
-        if cfg.format != "soma":
-            record["sha256"] = _write_zarr_shard(out, shard, csr, obs, var, cfg.codec)
-        if cfg.format != "zarr":
-            soma_store.write_rows(soma_uri, int(offsets[shard]), csr, obs, replace=soma_resumed)
-        mf.write_atomic(build_dir / "done" / f"shard-{shard:05d}.json", json.dumps(record).encode())
-        spool.remove(shard)
+    todo = [s for s in range(n_shards) if s not in _done_shards(build_dir)]
+    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc="pass 2 (shuffle, write shards)",
+               unit="shard", disable=_no_bar(cfg))
+    jobs = pass2_jobs(cfg.jobs, state["n_cells"], len(todo))
+    if jobs == 1:
+        for shard in todo:
+            _write_shard(job, shard)
+            bar.update()
+    else:
+        # processes, not threads: encoding and the numpy/pandas work of a shard hold the GIL;
+        # spawned so no TileDB or HDF5 state is inherited. Memory: one shard per worker.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as pool:
+            for future in as_completed([pool.submit(_write_shard_in_worker, s) for s in todo]):
+                future.result()
+                bar.update()
+    bar.close()
     done = _done_shards(build_dir)
     return [done[s] for s in range(n_shards)]
+
+
+def pass2_jobs(jobs: int, n_cells: int, n_todo: int) -> int:
+    """Worker processes for pass 2: ``jobs``, or for 0 (auto) up to 4 when the corpus is big enough to
+    repay starting them (a spawned worker costs about two seconds of imports)."""
+    if jobs == 0:
+        jobs = min(4, os.cpu_count() or 1) if n_cells >= AUTO_JOBS_MIN_CELLS else 1
+    return max(1, min(jobs, n_todo))
+
+
+def _init_worker(job: _Pass2) -> None:
+    global _WORKER
+    _WORKER = job
+
+
+def _write_shard_in_worker(shard: int) -> None:
+    assert _WORKER is not None
+    _write_shard(_WORKER, shard)
+
+
+def _write_shard(job: _Pass2, shard: int) -> None:
+    """Shuffle one shard's spooled rows, write its Zarr store and/or SOMA rows, then mark it done."""
+    build_dir = job.out / ".build"
+    spool = ShardSpool(build_dir / "spool", job.n_shards, job.n_genes, len(job.string_cols), job.spool_bytes)
+    csr, cell_ids, codes = spool.read(shard)
+    perm = np.random.default_rng([job.seed, 2, shard]).permutation(csr.shape[0])
+    csr, cell_ids, codes = csr[perm], cell_ids[perm], codes[perm]
+    obs = pd.DataFrame({"cell_id": cell_ids}, index=pd.Index(cell_ids.astype(str)))
+    for i, col in enumerate(job.string_cols):
+        obs[col] = Categories(job.categories[col]).decode(codes[:, i])
+    record = {"n_cells": int(csr.shape[0]), "nnz": int(csr.nnz), "sha256": None,
+              "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items()} for c in _COUNTED}}
+    if job.format != "soma":
+        record["sha256"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec)
+    if job.format != "zarr":
+        soma_store.write_rows(job.out / "soma", int(job.offsets[shard]), csr, obs, replace=job.soma_resumed)
+    mf.write_atomic(build_dir / "done" / f"shard-{shard:05d}.json", json.dumps(record).encode())
+    spool.remove(shard)
 
 
 def _soma_ready(build_dir: Path, uri: Path, state: dict[str, Any], vocab: Vocab,

@@ -9,8 +9,6 @@ per source, before any row is read, so a typo fails fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -67,7 +65,7 @@ def plan_obs(source: Source, *, keep: list[str], label_key: str | None, dataset_
         notes.append(f"{spec}: obs has no '{label}' column; cell_type is '{UNKNOWN}' for its cells")
     dataset = dataset_key or "dataset_id"
     dataset_col = dataset if dataset in avail else None
-    default = spec if source.path is None else Path(spec).stem
+    default = source.dataset_default
     if dataset_col is None:
         notes.append(f"{spec}: obs has no '{dataset}' column; dataset_id is '{default}' for its cells")
     for col in keep:

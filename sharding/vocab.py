@@ -115,6 +115,7 @@ class Alignment:
     col_map: np.ndarray
     n_vocab: int
     matched_by: str
+    _cache: tuple[bool, bool] | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_source(self) -> int:
@@ -136,6 +137,12 @@ class Alignment:
 
     def apply(self, csr: sp.csr_matrix) -> sp.csr_matrix:
         """Re-index a (cells x source genes) CSR block to (cells x vocab), dropping unmatched genes."""
+        if self._identity:
+            out = sp.csr_matrix((csr.data, csr.indices.astype(np.int32, copy=False),
+                                 csr.indptr.astype(np.int64, copy=False)), shape=(csr.shape[0], self.n_vocab))
+            if not out.has_sorted_indices:
+                out.sort_indices()
+            return out
         new = self.col_map[csr.indices]
         keep = new >= 0
         if keep.all():
@@ -145,8 +152,29 @@ class Alignment:
             data, indices, indptr = csr.data[keep], new[keep], kept_before[csr.indptr]
         out = sp.csr_matrix((data, indices.astype(np.int32), indptr.astype(np.int64)),
                             shape=(csr.shape[0], self.n_vocab))
-        out.sort_indices()  # vocab order differs from source order; CSR readers expect sorted columns
+        # vocab order may differ from source order; CSR readers expect sorted columns
+        if not (self._monotonic and csr.has_sorted_indices):
+            out.sort_indices()
         return out
+
+    @property
+    def _identity(self) -> bool:
+        """Source column j is vocab column j for every j: nothing to re-index."""
+        if self._cache is None:
+            self._set_cache()
+        return self._cache[0]
+
+    @property
+    def _monotonic(self) -> bool:
+        """Kept source columns keep their relative order: sorted rows stay sorted."""
+        if self._cache is None:
+            self._set_cache()
+        return self._cache[1]
+
+    def _set_cache(self) -> None:
+        kept = self.col_map[self.col_map >= 0]
+        identity = self.n_source == self.n_vocab and bool(np.array_equal(self.col_map, np.arange(self.n_source)))
+        self._cache = (identity, bool(np.all(np.diff(kept) > 0)))
 
     def describe(self) -> str:
         return (f"{self.n_matched}/{self.n_source} source genes matched ({self.gene_coverage:.1%}) by "

@@ -1,9 +1,11 @@
 """One Zarr shard = one AnnData Zarr v3 store, with X written by hand for explicit chunking.
 
 obs and var go through ``anndata.io.write_elem`` so anndata reads them back as it
-wrote them. X is written directly with zarr so that its arrays get the chunking
-the loader reads by (CHUNK_NNZ non-zeros per chunk for data and indices, indptr
-in one chunk), the codec chosen by measurement, and no silently skipped chunks.
+wrote them. X is written by hand (zarr writes its metadata, ``_write_chunks`` its
+chunks) so that its arrays get the chunking the loader reads by (CHUNK_NNZ
+non-zeros per chunk for data and indices, indptr in one chunk), the codec chosen
+by measurement, no silently skipped chunks, and half the CPU cost of zarr-python's
+codec pipeline.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anndata
+import numcodecs
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -61,13 +64,40 @@ def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataF
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
         for name, values in arrays.items():
             chunks = max(1, values.size) if name == "indptr" else chunk_nnz
-            arr = x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(chunks,),
-                                 compressors=[make_codec(codec)],
-                                 # an all-zero chunk (say, indices all 0) would otherwise not be
-                                 # written, and verify would report it missing
-                                 config={"write_empty_chunks": True})
-            if values.size:
-                arr[:] = values
+            # zarr writes the metadata (zarr.json); the chunks are encoded here, see _write_chunks
+            x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(chunks,),
+                           compressors=[make_codec(codec)])
+            _write_chunks(Path(path) / "X" / name, values, chunks, codec)
+
+
+def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str) -> None:
+    """Encode and store a 1-D array's chunks as zarr v3 does for our codecs, at half zarr-python's CPU cost.
+
+    A chunk is the little-endian bytes of ``chunk`` values (the last one padded with the
+    fill value 0, as zarr pads edge chunks) through the compressor, stored under the
+    default key encoding ``c/<i>``. Every chunk is written, all-zero ones included (zarr
+    would skip those by default, and verify would report them missing). The round trip
+    through zarr and anndata is checked by the tests, for every codec.
+    """
+    encoder = _numcodec(codec)
+    keys = array_dir / "c"
+    keys.mkdir(parents=True, exist_ok=True)
+    values = values.astype(values.dtype.newbyteorder("<"), copy=False)
+    for i, lo in enumerate(range(0, values.size, chunk)):
+        piece = values[lo:lo + chunk]
+        if piece.size < chunk:
+            piece = np.concatenate([piece, np.zeros(chunk - piece.size, dtype=values.dtype)])
+        with open(keys / str(i), "wb") as f:
+            f.write(encoder.encode(np.ascontiguousarray(piece)))
+
+
+def _numcodec(name: str) -> Any:
+    """The numcodecs codec that writes the same bytes as ``make_codec(name)`` in zarr v3."""
+    if name == "zstd":
+        return numcodecs.Zstd(level=3)
+    if name == "blosc-zstd":
+        return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    return numcodecs.LZ4()
 
 
 def expected_chunks(array_dir: Path) -> list[str]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import yaml
 
 from data_loader import StreamingLoader, model_inputs
-from scmodels.build import build_model, default_preprocessing, hparams_of
+from scmodels.build import build_model, default_preprocessing, export_module, hparams_of
 from sharding.manifest import read_manifest, read_vocab
 from train import checkpoint, faults, objectives
 from train.config import RunConfig, resolve_model_params
@@ -124,13 +124,20 @@ def train_step(engine, cfg: RunConfig, inputs: dict, gen: torch.Generator) -> tu
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights on every rank (ZeRO-3 parameters gathered)."""
+    """Consolidated fp32 weights of the exported module on every rank (ZeRO-3 parameters gathered).
+
+    For contrastive objectives only the MAE backbone is exported (projector/predictor/target are
+    training-only)."""
+    def grab() -> dict[str, torch.Tensor]:
+        sd = export_module(engine.module).state_dict()
+        return {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone() for k, v in sd.items()}
+
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+            return grab()
+    return grab()
 
 
 def pretrain(cfg: RunConfig) -> dict:
@@ -138,7 +145,7 @@ def pretrain(cfg: RunConfig) -> dict:
     corpus = Path(cfg.data.corpus)
     manifest = read_manifest(corpus)
     vocab = read_vocab(corpus)
-    model = build_model_for(cfg, len(vocab)).to(device)
+    model = build_model_for(cfg, len(vocab), vocab).to(device)
     spec = default_preprocessing(cfg.model.family)
     d = cfg.data
     loader = StreamingLoader(corpus, backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank,
@@ -176,6 +183,7 @@ def pretrain(cfg: RunConfig) -> dict:
             loss, extra = train_step(engine, cfg, inputs, gen)
             engine.backward(loss)
             engine.step()
+            objectives.after_step(engine)  # EMA targets (BYOL) follow applied optimizer steps
             cells += int(batch["cell_id"].numel()) * world
         step += 1
         faults.maybe_kill("kill", rank, step)

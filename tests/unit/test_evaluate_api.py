@@ -63,6 +63,15 @@ def make_adata(n_per_type: int = 30, seed: int = 0, var_names: str = "symbol") -
     return anndata.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=ids))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second torch thread only adds contention on a shared machine (5x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
@@ -311,4 +320,7 @@ def test_report_beats_majority_and_writes_files(exports, tmp_path):
         assert methods[name]["accuracy"] > 0.8 and methods[name]["macro_f1"] > methods["majority"]["macro_f1"]
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["methods"]["head"]["accuracy"] == methods["head"]["accuracy"]
-    assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert on_disk["head"] == "linear" and on_disk["mode"] == "frozen"  # "auto" on an MAE export
+    for name in ("confusion_matrix.png", "umap.png"):  # umap.png: held-out cells, true label vs. prediction
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(on_disk["files"]) == {"report", "confusion_matrix", "umap"}

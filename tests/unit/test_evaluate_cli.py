@@ -18,6 +18,7 @@ import torch
 import scmodels
 from evaluate.__main__ import build_parser, main
 from scmodels.build import default_preprocessing
+from tests.unit.test_evaluate_api import _one_thread  # noqa: F401  (autouse fixture)
 from train.export import export_model, write_export
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,17 +58,22 @@ def files(tmp_path_factory):
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # one thread: tiny models, and a second thread only adds contention on a shared machine
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "evaluate", *map(str, args)], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 def test_help_walks_a_new_user_through():
     text = build_parser().format_help()
-    for word in ("embed", "finetune", "annotate", "knn", "report", "RAW COUNTS", "--layer", "examples:"):
+    for word in ("embed", "finetune", "annotate", "knn", "report", "RAW COUNTS", "--layer", "examples:",
+                 "scbert", "partial", "Unassigned"):
         assert word in text
     sub = build_parser()._subparsers._group_actions[0].choices
     assert "--threshold" in sub["annotate"].format_help() and "--out-dir" in sub["report"].format_help()
+    for cmd in ("finetune", "annotate", "report"):
+        assert all(f in sub[cmd].format_help() for f in ("--head", "--mode", "--unfreeze"))
+    assert "--plots" in sub["annotate"].format_help() and "--max-distance" in sub["knn"].format_help()
 
 
 def test_cli_embed(files):
@@ -112,14 +118,38 @@ def test_cli_finetune_then_annotate_with_the_saved_head(files):
 
 def test_cli_report_prints_table_and_writes_files(files):
     out = files / "report"
+    # --no-umap: a fresh process would spend its first seconds compiling umap-learn (covered in-process)
     r = cli("report", "--export", files / "mae", "--adata", files / "ref.h5ad", "--label-key", "cell_type",
-            "--test-size", "0.3", "--seed", "0", "--out-dir", out)
+            "--test-size", "0.3", "--seed", "0", "--out-dir", out, "--no-umap")
     assert r.returncode == 0, r.stderr
-    for row in ("linear head on X_mae", "kNN (k=5, cosine)", "logistic regression", "majority class"):
+    for row in ("linear head on the frozen encoder (X_mae)", "kNN (k=5, cosine)", "logistic regression",
+                "majority class"):
         assert row in r.stdout
     rep = json.loads((out / "report.json").read_text())
     assert rep["n_test"] == 27 and rep["methods"]["head"]["accuracy"] > rep["methods"]["majority"]["accuracy"]
-    assert (out / "confusion_matrix.png").stat().st_size > 0
+    assert (out / "confusion_matrix.png").stat().st_size > 0 and not (out / "umap.png").exists()
+
+
+def test_cli_partial_finetune_saves_beside_the_export_then_annotates_with_plots(files, tmp_path):
+    export = tmp_path / "mae"
+    export.mkdir()
+    for f in (files / "mae").iterdir():
+        (export / f.name).write_bytes(f.read_bytes())
+    args = ["--label-key", "cell_type", "--quiet"]
+    assert main(["finetune", "--export", str(export), "--reference", str(files / "ref.h5ad"), *args,
+                 "--head", "mlp", "--mode", "partial", "--unfreeze", "1", "--max-epochs", "5"]) == 0
+    saved = export / "heads" / "cell_type-mlp-partial"  # the default --out: beside the export
+    assert sorted(p.name for p in saved.iterdir()) == ["encoder.safetensors", "head.json", "head.safetensors"]
+    assert json.loads((saved / "head.json").read_text())["fine_tuning"]["mode"] == "partial"
+    assert main(["annotate", "--export", str(export), "--load-head", str(saved), *args,
+                 "--query", str(files / "query.h5ad"), "--out", str(tmp_path / "ann.h5ad"),
+                 "--plots", str(tmp_path / "fig")]) == 0
+    ann = anndata.read_h5ad(tmp_path / "ann.h5ad")
+    assert ann.obsm["X_mae_finetuned"].shape == ann.obsm["X_mae"].shape == (24, 8)
+    assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["confusion_matrix.png", "umap.png"]
+    # the same head on another export is refused in one line
+    assert main(["annotate", "--export", str(files / "performer"), "--load-head", str(saved), *args,
+                 "--query", str(files / "query.h5ad"), "--out", str(tmp_path / "x.h5ad")]) == 2
 
 
 def test_cli_errors_are_one_line_and_exit_2(files, capsys):

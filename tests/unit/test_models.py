@@ -153,3 +153,61 @@ def test_scbert_base_shapes():
     assert m.performer.net.layers[0][0].fn.to_q.weight.shape == (640, 200)  # 10 heads x 64
     assert len(m.performer.net.layers) == 6
     assert 4.5e6 < trainable < 5.5e6, trainable  # the card: about 5.0M trainable
+
+
+PRESETS = sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_model_preset_builds_and_runs(path):
+    import yaml
+
+    family = yaml.safe_load(path.read_text())["family"]
+    cfg = load_config(None, [f"model.family={family}", f"model.preset={path.stem}"])
+    m = build_model(family, {**resolve_model_params(cfg.model), "n_genes": 50})
+    c = counts(b=2, g=50)
+    x = preprocess(c, PreprocessSpec(kind="bins", append_pad=True) if family == "performer" else PreprocessSpec())
+    m.eval()
+    assert m.encode(x).shape[0] == 2
+
+
+def test_mae_base_layer_shapes():
+    cfg = load_config(None, ["model.family=mae", "model.preset=mae_base"])
+    m = build_model("mae", {**resolve_model_params(cfg.model), "n_genes": 19331})
+    lin = lambda seq: [tuple(l.weight.shape) for l in seq if isinstance(l, torch.nn.Linear)]  # noqa: E731
+    assert lin(m.encoder) == [(512, 19331), (512, 512), (256, 512), (256, 256), (64, 256)]
+    assert lin(m.decoder) == [(256, 64), (256, 256), (512, 256), (512, 512), (19331, 512)]
+    acts = [type(l).__name__ for l in m.encoder]
+    assert acts.count("SELU") == 4 and acts.count("Dropout") == 4 and isinstance(m.encoder[-1], torch.nn.Linear)
+    assert all(l.p == 0.1 for l in m.encoder if isinstance(l, torch.nn.Dropout))
+    assert not isinstance(m.decoder[-1], torch.nn.Sigmoid)  # linear output; sigmoid_output=true is the reference
+    literal = build_model("mae", {**resolve_model_params(cfg.model), "n_genes": 100, "sigmoid_output": True})
+    assert isinstance(literal.decoder[-1], torch.nn.Sigmoid)
+
+
+def test_scbert_base_attention_settings():
+    from performer_pytorch.performer_pytorch import FastAttention
+
+    cfg = load_config(None, ["model.family=performer", "model.preset=scbert_base"])
+    m = build_model("performer", {**resolve_model_params(cfg.model), "n_genes": 16906})
+    layers = m.performer.net.layers
+    assert len(layers) == 6
+    attn = layers[0][0].fn
+    assert attn.heads == 10 and attn.to_out.weight.shape == (200, 640)
+    fas = [x for x in m.modules() if isinstance(x, FastAttention)]
+    assert {tuple(fa.projection_matrix.shape) for fa in fas} == {(266, 64)}  # int(64 ln 64) features x dim_head
+    assert m.cfg.feature_redraw_interval == 1000 and m.cfg.dropout == 0.0
+    assert layers[0][1].fn.fn.w1.weight.shape == (800, 200)  # FF x4
+    assert m.token_emb.weight.shape == (7, 200) and m.to_out.weight.shape == (7, 200)
+    assert m.gene_emb.weight.requires_grad is False  # frozen by default
+
+
+def test_redraws_use_linalg_qr_not_deprecated_torch_qr(monkeypatch):
+    """performer-pytorch 1.1.4 calls torch.linalg.qr on torch >= 1.8 (the scBERT copy used torch.qr)."""
+    def deprecated(*a, **k):
+        raise AssertionError("torch.qr called")
+
+    monkeypatch.setattr(torch, "qr", deprecated)
+    m = build_model("performer", TINY_P)
+    m.redraw_projections()
+    assert int(m.redraws) == 1

@@ -225,3 +225,48 @@ def test_soma_only_with_holdout_on_a_source_column(tmp_path: Path) -> None:
     assert m["splits"]["holdout"] == {"by": "donor_id", "values": ["synthetic_1_donor_0"],
                                       "n_cells": int((obs["split"] == "holdout").sum())}
     assert 0 < m["splits"]["holdout"]["n_cells"] < 200
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3")
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "blosc-zstd"])
+def test_hand_written_chunks_are_the_bytes_zarr_writes(tmp_path: Path, codec: str) -> None:
+    import zarr
+
+    from sharding import zarr_store
+
+    rng = np.random.default_rng(0)
+    csr = sp.random(300, 500, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    csr.data[:] = rng.integers(1, 9, csr.nnz)
+    obs = pd.DataFrame({"cell_id": np.arange(300)}, index=[str(i) for i in range(300)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(500)])
+    ours = tmp_path / "ours.zarr"
+    zarr_store.write_shard(ours, csr, obs, var, codec=codec, chunk_nnz=4096)  # edge chunk is partial
+    np.testing.assert_array_equal(ad.read_zarr(ours).X.toarray(), csr.toarray())
+    for name in zarr_store.X_ARRAYS:
+        values = zarr.open_array(ours / "X" / name, mode="r")[:]  # the dtypes write_shard chose
+        chunks = values.size if name == "indptr" else 4096
+        ref = zarr.create_array(tmp_path / "ref" / name, shape=values.shape, dtype=values.dtype,
+                                chunks=(chunks,), compressors=[zarr_store.make_codec(codec)],
+                                config={"write_empty_chunks": True})
+        ref[:] = values
+        mine = sorted(p.name for p in (ours / "X" / name / "c").iterdir())
+        assert mine == sorted(p.name for p in (tmp_path / "ref" / name / "c").iterdir())
+        for key in mine:
+            assert (ours / "X" / name / "c" / key).read_bytes() == (tmp_path / "ref" / name / "c" / key).read_bytes()
+
+
+def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
+    from sharding.build import pass2_jobs
+
+    cfg = dict(sources=["synthetic://cells=1200,genes=60,density=0.3"], cells_per_shard=300, format="both",
+               progress=False)
+    serial = build(BuildConfig(out=tmp_path / "serial", jobs=1, **cfg), log=lambda s: None)
+    parallel = build(BuildConfig(out=tmp_path / "parallel", jobs=2, **cfg), log=lambda s: None)
+    assert [s["sha256"] for s in serial["zarr"]["shards"]] == [s["sha256"] for s in parallel["zarr"]["shards"]]
+    assert serial["labels"] == parallel["labels"] and verify(tmp_path / "parallel") == []
+    with soma.Experiment.open(str(tmp_path / "parallel" / "soma")) as exp:
+        obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+    with soma.Experiment.open(str(tmp_path / "serial" / "soma")) as exp:
+        ref = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
+    assert obs["cell_id"].tolist() == ref["cell_id"].tolist()
+    assert pass2_jobs(0, 50_000, 10) == 1 and pass2_jobs(3, 50_000, 2) == 2 and pass2_jobs(0, 10**6, 1) == 1

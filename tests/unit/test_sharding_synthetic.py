@@ -54,3 +54,27 @@ def test_counts_look_like_an_atlas() -> None:
     # datasets have different compositions
     comp = obs.groupby("dataset_id")["cell_type"].value_counts(normalize=True).unstack(fill_value=0)
     assert (comp.max(axis=0) - comp.min(axis=0)).max() > 0.1
+
+
+def test_sparse_sampler_matches_the_dense_one() -> None:
+    """At low density the O(nnz) sampler is used; it draws the same NB counts (other random streams)."""
+    spec = "synthetic://cells=30000,genes=300,types=4,datasets=2,density=0.02,seed=3"
+    sparse_atlas = SyntheticAtlas(SyntheticParams.parse(spec))
+    dense_atlas = SyntheticAtlas(SyntheticParams.parse(spec))
+    dense_atlas.sparse = False
+    assert sparse_atlas.sparse
+    xs, obs_s = sparse_atlas.generate(0, 30000)
+    xd, obs_d = dense_atlas.generate(0, 30000)
+    assert obs_s.equals(obs_d)  # cell types, datasets, donors and library sizes are drawn identically
+    assert xs.dtype == np.float32 and xs.has_sorted_indices and np.all(xs.data == np.round(xs.data))
+    assert xs.data.min() >= 1 and abs(xs.nnz - xd.nnz) / xd.nnz < 0.02
+    hist_s = np.bincount(xs.data.astype(int), minlength=6)[1:6] / xs.nnz
+    hist_d = np.bincount(xd.data.astype(int), minlength=6)[1:6] / xd.nnz
+    np.testing.assert_allclose(hist_s, hist_d, atol=0.01)
+    nz_s, nz_d = (np.asarray((x > 0).mean(axis=0)).ravel() for x in (xs, xd))
+    assert np.abs(nz_s - nz_d).max() < 0.015
+    top = np.argsort(-np.asarray(xd.mean(axis=0)).ravel())[:10]
+    var_ratio = xs[:, top].toarray().var(axis=0) / xd[:, top].toarray().var(axis=0)
+    assert np.all((var_ratio > 0.85) & (var_ratio < 1.15))  # the NB over-dispersion is kept
+    part, _ = sparse_atlas.generate(333, 1777)
+    assert (part != xs[333:1777]).nnz == 0

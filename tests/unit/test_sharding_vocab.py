@@ -81,3 +81,19 @@ def test_vocab_file_round_trip_and_errors(tmp_path: Path) -> None:
     path.write_text("gene_id\tsymbol\nA\ta\nA\tb\n")
     with pytest.raises(InputError, match=r"gene_id has 1 duplicates \(e\.g\. A\)"):
         mf.read_vocab(path)
+
+
+def test_apply_fast_paths_keep_rows_sorted() -> None:
+    unsorted = sp.csr_matrix((np.array([5.0, 7.0, 1.0], dtype=np.float32), np.array([3, 0, 2]),
+                              np.array([0, 2, 3])), shape=(2, 4))
+    assert not unsorted.has_sorted_indices
+    identity = align(SourceGenes(["TSPAN6", "TNMD", "DPM1", "PLCXD1"]), VOCAB)
+    y = identity.apply(unsorted)
+    assert y.has_sorted_indices and y.indices.dtype == np.int32
+    np.testing.assert_array_equal(y.toarray(), unsorted.toarray())
+    subset = align(SourceGenes(["TSPAN6", "NOPE", "DPM1", "PLCXD1"]), VOCAB)  # order kept, one dropped
+    z = subset.apply(unsorted)
+    assert z.has_sorted_indices
+    np.testing.assert_array_equal(z.toarray(), [[7, 0, 0, 5], [0, 0, 1, 0]])
+    sorted_rows = subset.apply(sp.csr_matrix(np.array([[1, 2, 3, 4]], dtype=np.float32)))
+    np.testing.assert_array_equal(sorted_rows.toarray(), [[1, 0, 3, 4]])

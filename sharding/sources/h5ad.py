@@ -1,19 +1,12 @@
-"""Source specs -> sources that yield row blocks of counts with their obs.
+"""h5ad sources, read through h5py with anndata's element readers.
 
-Supported specs: a path to an ``.h5ad`` file or a glob of them (each file is one
-source), and ``synthetic://key=value,...`` (see ``synthetic.py``).
-
-h5ad files are read through h5py with anndata's element readers rather than
-``anndata.read_h5ad(backed="r")``: backed mode keeps X on disk but loads every
+Not ``anndata.read_h5ad(backed="r")``: backed mode keeps X on disk but loads every
 layer (and all of obs) into memory, while here only the chosen matrix is sliced
 block by block and only the obs columns the build needs are read.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,75 +16,11 @@ import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
 from sharding.errors import InputError
-from sharding.synthetic import PREFIX as SYNTHETIC_PREFIX
-from sharding.synthetic import SyntheticAtlas, SyntheticParams
+from sharding.sources.base import Block, Source, source_genes
 from sharding.validate import ValueFaults
-from sharding.vocab import ID_COLUMNS, SYMBOL_COLUMNS, SourceGenes, Vocab
 
 _SAMPLE_ROWS = 2000  # rows inspected when auto-detecting which matrix holds counts
 _MAX_CSC_NNZ = 50_000_000  # a CSC matrix is converted in memory only up to this size
-
-
-@dataclass
-class Block:
-    """Rows [start, start + n) of one source: counts (source dtype, source genes) and obs."""
-
-    start: int
-    counts: sp.csr_matrix
-    obs: pd.DataFrame
-
-
-@dataclass
-class Source:
-    """What the build needs from any source; subclasses fill it and implement ``blocks``."""
-
-    spec: str
-    kind: str
-    path: Path | None
-    n_cells: int
-    genes: SourceGenes
-    matrix: str  # e.g. "X", "raw.X", "layers['counts']" (for messages and the manifest)
-    obs_columns: list[str]
-    notes: list[str] = field(default_factory=list)
-
-    def cell_ids(self) -> pd.Index | None:
-        """Source cell ids for the duplicate check; None when unique by construction."""
-        return None
-
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
-        raise NotImplementedError
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Cheap identity for resuming a build: size and mtime of the file."""
-        if self.path is None:
-            return {"spec": self.spec}
-        st = self.path.stat()
-        return {"spec": self.spec, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-    def close(self) -> None:
-        pass
-
-
-class SyntheticSource(Source):
-    def __init__(self, spec: str, vocab: Vocab | None):
-        params = SyntheticParams.parse(spec)
-        if vocab is not None:
-            if params.genes > len(vocab):
-                raise InputError(f"{spec}: genes={params.genes} but the vocabulary has only {len(vocab)} "
-                                 "genes; lower genes= or pass a larger --vocab")
-            ids, symbols = vocab.gene_ids[:params.genes], vocab.symbols[:params.genes]
-        else:
-            ids = [f"SYNG{j + 1:05d}" for j in range(params.genes)]
-            symbols = ids
-        super().__init__(spec=spec, kind="synthetic", path=None, n_cells=params.cells,
-                         genes=SourceGenes(list(ids), {"symbol": list(symbols)}), matrix="synthetic",
-                         obs_columns=["cell_type", "dataset_id", "donor_id"])
-        self.atlas = SyntheticAtlas(params)
-
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
-        for start in range(0, self.n_cells, rows):
-            counts, obs = self.atlas.generate(start, start + rows)
-            yield Block(start, counts, obs[[c for c in columns if c in obs.columns]])
 
 
 class H5adSource(Source):
@@ -111,9 +40,10 @@ class H5adSource(Source):
             self.file.close()
             raise _unreadable(path, exc) from None
         super().__init__(spec=str(path), kind="h5ad", path=path, n_cells=self._matrix.shape[0],
-                         genes=_source_genes(var), matrix=label, obs_columns=columns,
+                         genes=source_genes(var), matrix=label, obs_columns=columns,
                          notes=list(self._matrix.notes))
         if len(self.genes.names) != self._matrix.shape[1]:
+            self.file.close()
             raise InputError(f"{path}: {label} has {self._matrix.shape[1]} columns but var has "
                              f"{len(self.genes.names)} genes; re-export the file")
         self.notes.insert(0, self._detect_note)
@@ -210,38 +140,6 @@ class _MatrixReader:
                              "is truncated or corrupt (re-export or re-download it)") from None
 
 
-def open_sources(specs: list[str], *, matrix: str | None, vocab: Vocab | None) -> list[Source]:
-    """Expand specs (globs -> one source per file) and open each; nothing is read beyond metadata."""
-    sources: list[Source] = []
-    try:
-        for spec in specs:
-            if spec.startswith(SYNTHETIC_PREFIX):
-                sources.append(SyntheticSource(spec, vocab))
-                continue
-            for path in _expand(spec):
-                sources.append(H5adSource(path, matrix))
-    except BaseException:
-        for s in sources:
-            s.close()
-        raise
-    return sources
-
-
-def _expand(spec: str) -> list[Path]:
-    if "://" in spec:
-        raise InputError(f"{spec}: unsupported source scheme; use an .h5ad path or glob, or synthetic://...")
-    paths = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
-    paths = [p for p in paths if os.path.exists(p)]
-    if not paths:
-        raise InputError(f"{spec}: no file matches this source; pass an .h5ad path, a glob of them, "
-                         "or synthetic://cells=N,genes=G")
-    for p in paths:
-        if os.path.isdir(p):
-            raise InputError(f"{p}: is a directory; pass an .h5ad file (10x matrix.mtx directories are not "
-                             "supported yet: convert with scanpy.read_10x_mtx(...).write_h5ad(...))")
-    return [Path(p) for p in paths]
-
-
 def _open_h5(path: Path) -> h5py.File:
     try:
         f = h5py.File(path, "r")
@@ -267,12 +165,3 @@ def _sample_faults(path: Path, label: str, elem: Any) -> ValueFaults:
     block = reader.rows(0, min(_SAMPLE_ROWS, reader.shape[0]))
     faults.add(block.data)
     return faults
-
-
-def _source_genes(var: pd.DataFrame) -> SourceGenes:
-    columns = {}
-    for col in ID_COLUMNS + SYMBOL_COLUMNS:
-        if col in var.columns and (pd.api.types.is_string_dtype(var[col])
-                                   or isinstance(var[col].dtype, pd.CategoricalDtype)):
-            columns[col] = var[col].astype(str).tolist()
-    return SourceGenes(var.index.astype(str).tolist(), columns)
