@@ -27,3 +27,16 @@ test: setup
 
 clean:
 	rm -rf demo_out bench_out
+
+# Benchmarks (scripts that print figures; not tests). Results go to BENCHMARKS.md by hand, with date and machine.
+bench-loader: setup
+	$(PY) -m benchmarks.bench_loader
+
+bench-corpus: setup
+	$(PY) -m benchmarks.bench_corpus
+
+bench-annotation: setup
+	$(PY) -m benchmarks.bench_annotation
+
+bench-gpu: setup
+	$(PY) -m benchmarks.bench_gpu

@@ -86,6 +86,7 @@ class EngineConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 50
+    every_minutes: float | None = None  # also save when this much wall time passed since the last save
     keep: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint | never: refuse if checkpoints exist
     allow_fresh_start: bool = False  # start from step 0 although checkpoints exist

@@ -173,6 +173,7 @@ def pretrain(cfg: RunConfig) -> dict:
     last_loss = float("nan")
     engine.train()
     stop_at = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    last_save = time.monotonic()
     while step < stop_at:
         t0, batches.wait = time.perf_counter(), 0.0
         for micro in range(cfg.engine.grad_accum):
@@ -202,7 +203,8 @@ def pretrain(cfg: RunConfig) -> dict:
                 bar.set_postfix(loss=f"{last_loss:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
-        if step % cfg.checkpoint.every_steps == 0 or step == stop_at:
+        if step % cfg.checkpoint.every_steps == 0 or step == stop_at or _time_to_save(cfg, last_save):
+            last_save = time.monotonic()
             tstate = {"step": step, "cells_seen": cells, "stream": loader.state_dict(),
                       "mlflow_run_id": tracker.run_id}
             checkpoint.save(engine, ckpt_root, step, tstate, {"export_meta.json": json.dumps(export_meta)},
@@ -230,6 +232,16 @@ def pretrain(cfg: RunConfig) -> dict:
     tracker.close()
     dist.barrier()
     return result
+
+
+def _time_to_save(cfg: RunConfig, last_save: float) -> bool:
+    """Wall-clock checkpoints: rank 0's clock decides for everyone (ranks must save together)."""
+    if not cfg.checkpoint.every_minutes:
+        return False
+    due = torch.tensor([1 if dist.get_rank() == 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
+                        else 0])
+    dist.broadcast(due, src=0)
+    return bool(due.item())
 
 
 def _memory(device: torch.device) -> dict:
