@@ -40,61 +40,117 @@ def concat_blocks(blocks: list[Block]) -> Block:
     )
 
 
+def _gather_py(indptr, indices, data, order, out_ptr, out_idx, out_dat):  # pragma: no cover - numba target
+    for i in range(order.shape[0]):
+        r = order[i]
+        a, b = indptr[r], indptr[r + 1]
+        o = out_ptr[i]
+        out_idx[o: o + b - a] = indices[a:b]
+        out_dat[o: o + b - a] = data[a:b]
+
+
+try:  # one pass over the non-zeros instead of numpy's repeat/arange/gather chain
+    import numba
+
+    _gather = numba.njit(cache=True, nogil=True)(_gather_py)
+except ImportError:  # pragma: no cover
+    _gather = None
+
+
 def take_rows(block: Block, order: np.ndarray) -> Block:
-    """Rows of ``block`` in ``order`` (a permutation or subset), vectorised."""
-    starts, stops = block.indptr[order], block.indptr[order + 1]
-    lens = stops - starts
-    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    # gather index: for each output nnz, its source position
-    src = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1], dtype=np.int64)
-    return Block(indptr, block.indices[src], block.data[src], block.cell_id[order],
-                 {k: v[order] for k, v in block.obs.items()})
+    """Rows of ``block`` in ``order`` (a permutation or subset)."""
+    order = np.asarray(order, dtype=np.int64)
+    lens = block.indptr[order + 1] - block.indptr[order]
+    indptr = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lens, out=indptr[1:])
+    nnz = int(indptr[-1])
+    if _gather is not None:
+        idx = np.empty(nnz, dtype=block.indices.dtype)
+        dat = np.empty(nnz, dtype=block.data.dtype)
+        _gather(block.indptr, block.indices, block.data, order, indptr, idx, dat)
+    else:
+        src = np.repeat(block.indptr[order] - indptr[:-1], lens) + np.arange(nnz, dtype=np.int64)
+        idx, dat = block.indices[src], block.data[src]
+    return Block(indptr, idx, dat, block.cell_id[order], {k: v[order] for k, v in block.obs.items()})
+
+
+def slice_rows(block: Block, lo: int, hi: int) -> Block:
+    """Rows [lo, hi) without copying the non-zeros."""
+    a, b = int(block.indptr[lo]), int(block.indptr[hi])
+    return Block(block.indptr[lo: hi + 1] - a, block.indices[a:b], block.data[a:b], block.cell_id[lo:hi],
+                 {k: v[lo:hi] for k, v in block.obs.items()})
 
 
 class ZarrReader:
-    """Reads row ranges of the corpus's Zarr shards. Opens arrays lazily (safe to pickle into workers)."""
+    """Reads row ranges of the corpus's Zarr shards.
 
-    def __init__(self, corpus: str | Path, manifest: dict, obs_columns: list[str]):
+    Per shard, ``indptr`` and the obs columns (compact, per cell of that shard) are read once and
+    kept for the ``cache_shards`` most recent shards; ``indices``/``data`` chunks are read and
+    decoded directly (``zarr_chunks``) with a small thread pool, each chunk once per request.
+    Opens lazily, so it pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(self, corpus: str | Path, manifest: dict, obs_columns: list[str], threads: int = 2,
+                 cache_shards: int = 16):
         self.root = Path(corpus)
         self.paths = [self.root / s["path"] for s in manifest["zarr"]["shards"]]
         self.sizes = [int(s["n_cells"]) for s in manifest["zarr"]["shards"]]
         self.obs_columns = list(obs_columns)
+        self.threads, self.cache_shards = threads, cache_shards
         self._open: dict[int, dict] = {}
+        self._pool = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}}
+        return {**self.__dict__, "_open": {}, "_pool": None}
 
-    def _arrays(self, shard: int) -> dict:
-        if shard not in self._open:
-            import zarr
+    def _obs_column(self, g, col: str) -> np.ndarray:
+        import zarr
 
-            g = zarr.open_group(str(self.paths[shard]), mode="r")
-            arrs = {"indptr": g["X/indptr"], "indices": g["X/indices"], "data": g["X/data"],
-                    "cell_id": g["obs/cell_id"]}
-            for col in self.obs_columns:
-                node = g[f"obs/{col}"]
-                if isinstance(node, zarr.Group):  # AnnData categorical: codes + categories
-                    arrs[col] = (node["codes"], np.asarray(node["categories"][:], dtype=object))
-                else:
-                    arrs[col] = node
-            self._open[shard] = arrs
-        return self._open[shard]
+        node = g[f"obs/{col}"]
+        if isinstance(node, zarr.Group):  # AnnData categorical: codes + categories
+            codes = np.asarray(node["codes"][:])
+            cats = np.asarray(node["categories"][:], dtype=object)
+            return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
+        return np.asarray(node[:])
+
+    def _shard(self, shard: int) -> dict:
+        if shard in self._open:
+            self._open[shard] = self._open.pop(shard)  # most recent last
+            return self._open[shard]
+        import zarr
+
+        from data_loader.zarr_chunks import ChunkedArray
+
+        if self._pool is None and self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads)
+        path = self.paths[shard]
+        g = zarr.open_group(str(path), mode="r")
+        arrs = {"indptr": np.asarray(ChunkedArray(path / "X" / "indptr")[:], dtype=np.int64),
+                "indices": ChunkedArray(path / "X" / "indices", self._pool),
+                "data": ChunkedArray(path / "X" / "data", self._pool),
+                "cell_id": np.asarray(self._obs_column(g, "cell_id"), dtype=np.int64),
+                "obs": {c: self._obs_column(g, c) for c in self.obs_columns}}
+        self._open[shard] = arrs
+        while len(self._open) > self.cache_shards:
+            self._open.pop(next(iter(self._open)))
+        return arrs
+
+    def read_runs(self, shard: int, runs: list[tuple[int, int]]) -> list[Block]:
+        """Several row ranges of one shard; every compressed chunk is decoded once."""
+        a = self._shard(shard)
+        ptr = a["indptr"]
+        nz = [(int(ptr[s]), int(ptr[e])) for s, e in runs]
+        idx = a["indices"].read_ranges(nz)
+        dat = a["data"].read_ranges(nz)
+        out = []
+        for (s, e), (lo, _), i, d in zip(runs, nz, idx, dat):
+            out.append(Block(ptr[s: e + 1] - lo, i, d, a["cell_id"][s:e], {c: v[s:e] for c, v in a["obs"].items()}))
+        return out
 
     def read(self, shard: int, start: int, stop: int) -> Block:
-        a = self._arrays(shard)
-        ptr = np.asarray(a["indptr"][start: stop + 1], dtype=np.int64)
-        lo, hi = int(ptr[0]), int(ptr[-1])
-        obs = {}
-        for col in self.obs_columns:
-            node = a[col]
-            if isinstance(node, tuple):
-                codes = np.asarray(node[0][start:stop])
-                obs[col] = np.where(codes >= 0, node[1][np.maximum(codes, 0)], None)
-            else:
-                obs[col] = np.asarray(node[start:stop])
-        return Block(ptr - lo, np.asarray(a["indices"][lo:hi], dtype=np.int32),
-                     np.asarray(a["data"][lo:hi], dtype=np.float32),
-                     np.asarray(a["cell_id"][start:stop], dtype=np.int64), obs)
+        return self.read_runs(shard, [(start, stop)])[0]
 
 
 class SomaReader:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.readers import Block, SomaReader, ZarrReader, concat_blocks, take_rows
+from data_loader.readers import Block, SomaReader, ZarrReader, concat_blocks, slice_rows, take_rows
 from sharding.manifest import read_manifest
 from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
                            consumed_per_stream, resume_state, segment_length, stream_batches)
@@ -36,7 +36,7 @@ def _to_batch(block: Block, epoch: int) -> dict:
     return {
         "indptr": torch.from_numpy(block.indptr), "indices": torch.from_numpy(block.indices),
         "data": torch.from_numpy(block.data), "cell_id": torch.from_numpy(block.cell_id),
-        "obs": {k: v.tolist() for k, v in block.obs.items()}, "epoch": epoch,
+        "obs": dict(block.obs), "epoch": epoch,
     }
 
 
@@ -68,7 +68,7 @@ class CorpusDataset(IterableDataset):
         else:
             for s in np.unique(shard):
                 rows = row[key][shard[key] == s]
-                pieces += [self.reader.read(int(s), a, b) for a, b in _runs(rows)]
+                pieces += self.reader.read_runs(int(s), _runs(rows))
         sorted_block = concat_blocks(pieces)
         inv = np.empty(len(key), dtype=np.int64)
         inv[key] = np.arange(len(key))
@@ -92,7 +92,7 @@ class CorpusDataset(IterableDataset):
             source = _prefetch(source, self.read_ahead)
         for block, cuts in source:
             for lo, hi in cuts:
-                yield _to_batch(take_rows(block, np.arange(lo, hi)), state.epoch)
+                yield _to_batch(slice_rows(block, lo, hi), state.epoch)
 
 
 def _prefetch(it: Iterator, depth: int) -> Iterator:
