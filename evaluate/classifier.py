@@ -225,7 +225,8 @@ class Classifier:
         if set(stored) != set(names) or not set(names) <= set(params):
             odd = sorted((set(stored) ^ set(names)) | (set(names) - set(params)))[:3]
             raise EvaluateError(f"{enc_path}: tensors {odd} do not match head.json field "
-                                f"'fine_tuning.encoder_tensors' or the {export.family} model; save the head again")
+                                f"'fine_tuning.encoder_tensors' or the {export.family} model; "
+                                "save the head again")
         with torch.no_grad():
             for n in names:
                 if params[n].shape != stored[n].shape:

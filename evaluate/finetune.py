@@ -230,7 +230,8 @@ def fit_classifier(
     head_kw = dict(hidden=hidden, dropout=dropout, export_info=export_info(model))
     if frozen_emb:  # the cheap path: embed once, train the head on the embeddings
         emb = embed_counts(model, counts, batch_size=batch_size, device=device)
-        trained = fit_head(emb, labels, kind, lr=lr, val_fraction=val_fraction, seed=seed, **head_kw, **train_kw)
+        trained = fit_head(emb, labels, kind, lr=lr, val_fraction=val_fraction, seed=seed, **head_kw,
+                           **train_kw)
         trained.fine_tuning = {"mode": "frozen", "unfreeze": None, "encoder_tensors": []}
         return Classifier(export=model, head=trained, encoder=model.module, mode="frozen")
     labels, classes, y_all = _encode_labels(labels)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from evaluate.annotate import UNASSIGNED
 from evaluate.errors import EvaluateError
@@ -108,8 +109,9 @@ def plot_umap(coords: np.ndarray, colourings: dict[str, Any], path: str | Path, 
         ax.set_yticks([])
         ax.set_xlabel("UMAP1")
         ax.set_ylabel("UMAP2")
-    axes[-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=max(1.0, 12 / size),
-                    frameon=False)
+    # one legend for every category of every panel (a class only in "true" still needs its colour named)
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[c], label=c) for c in cats]
+    axes[-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
