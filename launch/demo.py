@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus:   {corpus}/  (python -m sharding inspect {corpus})")
     print(f"runs:     {out / 'runs'}/<name>/  (metrics.jsonl, loss_curve.png, checkpoints/)")
     print(f"exports:  {out / 'exports'}/mae_demo, {out / 'exports'}/performer_demo")
-    print(f"reports:  {out / 'annotation'}/<family>/  (report.json, confusion matrix)")
+    print(f"reports:  {out / 'annotation'}/<family>/  (report.json, confusion_matrix.png, umap.png)")
     print(f"MLflow:   {store}")
     print(f"          open the UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000")
     print(f"demo finished in {time.time() - t0:.0f} s")
