@@ -81,6 +81,16 @@ def slice_rows(block: Block, lo: int, hi: int) -> Block:
                  {k: v[lo:hi] for k, v in block.obs.items()})
 
 
+def _consecutive(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted rows -> maximal [start, stop) runs of consecutive rows."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [(rows[a], rows[b - 1] + 1) for a, b in zip(starts, stops)]
+
+
 class ZarrReader:
     """Reads row ranges of the corpus's Zarr shards.
 
@@ -91,7 +101,7 @@ class ZarrReader:
     """
 
     def __init__(self, corpus: str | Path, manifest: dict, obs_columns: list[str], threads: int = 2,
-                 cache_shards: int = 16):
+                 cache_shards: int = 16, split: str | None = None):
         self.root = Path(corpus)
         self.paths = [self.root / s["path"] for s in manifest["zarr"]["shards"]]
         self.sizes = [int(s["n_cells"]) for s in manifest["zarr"]["shards"]]
@@ -99,6 +109,17 @@ class ZarrReader:
         self.threads, self.cache_shards = threads, cache_shards
         self._open: dict[int, dict] = {}
         self._pool = None
+        # A split filter keeps, per shard, the (int32) rows of that split: 4 bytes per selected
+        # cell, the only per-cell state; the plan then deals those rows as if they were the shard.
+        self.rows: list[np.ndarray] | None = None
+        if split is not None:
+            import zarr
+
+            self.rows = []
+            for path in self.paths:
+                col = self._obs_column(zarr.open_group(str(path), mode="r"), "split")
+                self.rows.append(np.flatnonzero(col == split).astype(np.int32))
+            self.sizes = [len(r) for r in self.rows]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}, "_pool": None}
@@ -139,6 +160,15 @@ class ZarrReader:
 
     def read_runs(self, shard: int, runs: list[tuple[int, int]]) -> list[Block]:
         """Several row ranges of one shard; every compressed chunk is decoded once."""
+        if self.rows is None:
+            return self._read_physical(shard, runs)
+        out = []
+        for s, e in runs:  # local (split) rows -> physical runs -> one block per local run
+            phys = [(int(a), int(b)) for a, b in _consecutive(self.rows[shard][s:e])]
+            out.append(concat_blocks(self._read_physical(shard, phys)))
+        return out
+
+    def _read_physical(self, shard: int, runs: list[tuple[int, int]]) -> list[Block]:
         a = self._shard(shard)
         ptr = a["indptr"]
         nz = [(int(ptr[s]), int(ptr[e])) for s, e in runs]

@@ -134,6 +134,8 @@ class StreamingLoader:
         num_workers: DataLoader worker processes (0 = read in this process with a read-ahead thread).
         block_size: rows per I/O block; window_batches: batches mixed together per window.
         obs_columns: obs columns to return with each batch (``cell_id`` always comes).
+        split: stream only cells of this ``split`` ("train" by default; None = all) when the corpus
+            was built with ``--holdout``; held-out cells are never trained on.
 
     Each ``iter()`` yields the rest of the current epoch; the next one starts the next epoch.
     """
@@ -142,7 +144,8 @@ class StreamingLoader:
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  block_size: int = 256, window_batches: int = 8, obs_columns: list[str] | tuple = (),
                  persistent_workers: bool = False, pin_memory: bool | None = None, read_ahead: int = 2,
-                 soma_uri: str | None = None, soma_filter: str | None = None, census_organism: str | None = None):
+                 soma_uri: str | None = None, soma_filter: str | None = None, census_organism: str | None = None,
+                 split: str | None = "train"):
         if rank is None or world_size is None:
             dist = torch.distributed
             on = dist.is_available() and dist.is_initialized()
@@ -150,6 +153,8 @@ class StreamingLoader:
             world_size = dist.get_world_size() if on else 1
         self.corpus = Path(corpus)
         self.manifest = read_manifest(self.corpus)
+        # a split filter only where the corpus has held-out cells (else every cell is "train")
+        self.split = split if self.manifest.get("splits") else None
         self.reader = self._build_reader(backend, list(obs_columns), soma_uri, soma_filter, census_organism)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.batch_size, self.block_size, self.window_batches = batch_size, block_size, window_batches
@@ -164,7 +169,7 @@ class StreamingLoader:
         if backend == "zarr":
             if not self.manifest.get("zarr"):
                 raise ValueError(f"{self.corpus}/manifest.json: corpus has no Zarr shards; build with --format zarr|both or use backend='soma'")
-            return ZarrReader(self.corpus, self.manifest, obs_columns)
+            return ZarrReader(self.corpus, self.manifest, obs_columns, split=self.split)
         if backend == "soma":
             uri = soma_uri
             if uri is None:
@@ -172,6 +177,9 @@ class StreamingLoader:
                     raise ValueError(f"{self.corpus}/manifest.json: corpus has no SOMA experiment; build with --format soma|both or use backend='zarr'")
                 uri = str(self.corpus / self.manifest["soma"]["path"])
             sizes = None
+            if self.split is not None and soma_uri is None:
+                split_filter = f"split == '{self.split}'"
+                soma_filter = f"({soma_filter}) and {split_filter}" if soma_filter else split_filter
             if soma_uri is None and soma_filter is None and self.manifest.get("zarr"):
                 sizes = [int(sh["n_cells"]) for sh in self.manifest["zarr"]["shards"]]
             return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism, shard_sizes=sizes)

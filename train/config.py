@@ -32,6 +32,7 @@ class DataConfig:
     window_batches: int = 8
     read_ahead: int = 2
     soma_filter: str | None = None
+    split: str | None = "train"  # cells of this split only (corpora built with --holdout); null = all
 
 
 @dataclass

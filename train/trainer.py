@@ -150,7 +150,8 @@ def pretrain(cfg: RunConfig) -> dict:
     d = cfg.data
     loader = StreamingLoader(corpus, backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank,
                              world_size=world, num_workers=d.num_workers, block_size=d.block_size,
-                             window_batches=d.window_batches, read_ahead=d.read_ahead, soma_filter=d.soma_filter)
+                             window_batches=d.window_batches, read_ahead=d.read_ahead, soma_filter=d.soma_filter,
+                             split=d.split)
     engine, ds_cfg = build_engine(cfg, model, world, device.type)
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     state = checkpoint.load_latest(engine, ckpt_root, cfg.checkpoint.resume, cfg.checkpoint.allow_fresh_start)

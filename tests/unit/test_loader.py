@@ -100,3 +100,23 @@ def test_trace_cli_stop_save_and_continue_elsewhere(tmp_path, small_corpus):
     n = json.loads((small_corpus / "manifest.json").read_text())["n_cells"]
     assert len(ids) == len(set(ids)) and n - len(ids) < 3
     assert {r["rank"] for r in rows} == {0, 1, 2} and all(r["datasets"] for r in rows)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "soma"])
+def test_held_out_cells_are_never_streamed_for_training(tmp_path, backend):
+    out = tmp_path / "ho"
+    run_cli(["-m", "sharding", "build", "--source", "synthetic://cells=2000,genes=200,types=4,datasets=3,seed=1",
+             "--out", str(out), "--holdout", "dataset_id=synthetic_2", "--cells-per-shard", "700", "--format", "both"])
+    man = json.loads((out / "manifest.json").read_text())
+    got = {}
+    for split in ("train", "holdout"):
+        L = StreamingLoader(out, backend=backend, batch_size=50, seed=0, rank=0, world_size=1,
+                            obs_columns=["dataset_id"], split=split)
+        ids, ds = [], set()
+        for b in L:
+            ids += b["cell_id"].tolist()
+            ds |= set(b["obs"]["dataset_id"])
+        got[split] = (ids, ds)
+    assert got["holdout"][1] == {"synthetic_2"} and "synthetic_2" not in got["train"][1]
+    assert len(got["holdout"][0]) == man["splits"]["holdout"]["n_cells"]
+    assert len(set(got["train"][0]) | set(got["holdout"][0])) == man["n_cells"]
