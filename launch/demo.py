@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("4/4 summary")
     for fam, rd in runs.items():
-        rows = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        rows = [r for r in (json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines() if x.strip()) if "loss" in r]
         print(f"{fam:9s} loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> {rows[-1]['loss']:.4f} "
               f"(step {rows[-1]['step']}), {rows[-1]['cells_seen']:,} cells seen")
     store = (out / "mlflow.db").resolve()

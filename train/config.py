@@ -100,6 +100,8 @@ class TrackingConfig:
     log_every: int = 5
     progress: bool = True
     system_metrics: bool = True  # MLflow's CPU/GPU/memory sampling (rank 0)
+    eval_every: int = 0  # held-out metrics every N steps (corpora built with --holdout); 0 = at the end only
+    eval_batches: int = 4  # held-out batches per rank per evaluation (the same cells every time)
 
 
 @dataclass

@@ -85,7 +85,7 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str) -> Path | None:
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in (json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()) if "loss" in r]
     if not rows:
         return None
     import matplotlib

@@ -170,6 +170,7 @@ def pretrain(cfg: RunConfig) -> dict:
     export_meta = {"family": cfg.model.family, "hparams": hparams_of(model), "preprocessing": spec.to_dict(),
                    "corpus": str(corpus.resolve()), "corpus_manifest_sha256": _manifest_hash(corpus)}
     batches = Batches(loader)
+    eval_loader = build_eval(cfg, corpus, rank, world, manifest)
     bar = _progress(cfg, rank, step)
     last_loss = float("nan")
     engine.train()
@@ -208,8 +209,12 @@ def pretrain(cfg: RunConfig) -> dict:
             last_save = time.monotonic()
             tstate = {"step": step, "cells_seen": cells, "stream": loader.state_dict(),
                       "mlflow_run_id": tracker.run_id}
+            assert_buffers_in_sync(engine.module)
             checkpoint.save(engine, ckpt_root, step, tstate, {"export_meta.json": json.dumps(export_meta)},
                             cfg.checkpoint.keep)
+        if eval_loader is not None and ((cfg.tracking.eval_every and step % cfg.tracking.eval_every == 0)
+                                        or step == cfg.max_steps):
+            tracker.log(step, evaluate_heldout(engine, cfg, eval_loader, len(vocab), spec, device))
     if bar is not None:
         bar.close()
     if step < cfg.max_steps:  # stopped early on purpose: checkpointed, nothing to export
@@ -233,6 +238,52 @@ def pretrain(cfg: RunConfig) -> dict:
     tracker.close()
     dist.barrier()
     return result
+
+
+def build_eval(cfg: RunConfig, corpus: Path, rank: int, world: int, manifest: dict):
+    """A loader over the corpus's held-out cells (None when the corpus has none)."""
+    if not manifest.get("splits", {}).get("holdout"):
+        return None
+    d = cfg.data
+    return StreamingLoader(corpus, backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank,
+                           world_size=world, block_size=d.block_size, window_batches=d.window_batches,
+                           read_ahead=0, soma_filter=d.soma_filter, split="holdout")
+
+
+def evaluate_heldout(engine, cfg: RunConfig, loader: StreamingLoader, n_genes: int, spec, device) -> dict:
+    """Mean held-out metrics over the first ``eval_batches`` batches of a fixed epoch (same cells
+    every time, same count on every rank), averaged across ranks. Prefixed ``eval_``."""
+    loader.set_epoch(0)
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in loader:
+        if n == cfg.tracking.eval_batches:
+            break
+        inputs = model_inputs(batch, n_genes, spec, device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_007 * n)
+        for k, v in objectives.evaluate_batch(engine, cfg, inputs, gen).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] / max(n, 1) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {f"eval_{k}": float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+def assert_buffers_in_sync(module: torch.nn.Module) -> None:
+    """Buffers (FAVOR+ projections, redraw counters) must be identical on every rank: DeepSpeed
+    synchronises parameters, not buffers. Raises naming the first buffer that differs."""
+    named = [(n, b) for n, b in module.named_buffers() if b.is_floating_point() or b.dtype == torch.long]
+    if not named:
+        return
+    sig = torch.tensor([float(b.double().sum()) + float((b.double() ** 2).sum()) for _, b in named],
+                       dtype=torch.float64)
+    allsig = [torch.zeros_like(sig) for _ in range(dist.get_world_size())]
+    dist.all_gather(allsig, sig)
+    for r, other in enumerate(allsig):
+        if not torch.equal(other, allsig[0]):
+            bad = named[int((other != allsig[0]).nonzero()[0])][0]
+            raise RuntimeError(f"buffer {bad!r} differs between rank 0 and rank {r}: ranks have diverged")
 
 
 def _time_to_save(cfg: RunConfig, last_save: float) -> bool:
