@@ -81,14 +81,14 @@ def slice_rows(block: Block, lo: int, hi: int) -> Block:
                  {k: v[lo:hi] for k, v in block.obs.items()})
 
 
-def _consecutive(rows: np.ndarray) -> list[tuple[int, int]]:
+def consecutive_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """Sorted rows -> maximal [start, stop) runs of consecutive rows."""
     if len(rows) == 0:
         return []
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     starts = np.concatenate([[0], breaks])
     stops = np.concatenate([breaks, [len(rows)]])
-    return [(rows[a], rows[b - 1] + 1) for a, b in zip(starts, stops)]
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 class ZarrReader:
@@ -164,7 +164,7 @@ class ZarrReader:
             return self._read_physical(shard, runs)
         out = []
         for s, e in runs:  # local (split) rows -> physical runs -> one block per local run
-            phys = [(int(a), int(b)) for a, b in _consecutive(self.rows[shard][s:e])]
+            phys = consecutive_runs(self.rows[shard][s:e])
             out.append(concat_blocks(self._read_physical(shard, phys)))
         return out
 

@@ -16,20 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.readers import Block, SomaReader, ZarrReader, concat_blocks, slice_rows, take_rows
+from data_loader.readers import (Block, SomaReader, ZarrReader, concat_blocks, consecutive_runs, slice_rows,
+                                 take_rows)
 from sharding.manifest import read_manifest
 from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
                            consumed_per_stream, resume_state, segment_length, stream_batches)
-
-
-def _runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
-    """Split sorted row indices into maximal runs of consecutive rows -> [(start, stop)]."""
-    if len(sorted_rows) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(sorted_rows)]])
-    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
 def _to_batch(block: Block, epoch: int) -> dict:
@@ -68,7 +59,7 @@ class CorpusDataset(IterableDataset):
         else:
             for s in np.unique(shard):
                 rows = row[key][shard[key] == s]
-                pieces += self.reader.read_runs(int(s), _runs(rows))
+                pieces += self.reader.read_runs(int(s), consecutive_runs(rows))
         sorted_block = concat_blocks(pieces)
         inv = np.empty(len(key), dtype=np.int64)
         inv[key] = np.arange(len(key))
