@@ -44,20 +44,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="drop cells with fewer expressed vocabulary genes")
     b.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
                    help="refuse a source when fewer of its genes are in the vocabulary")
-    b.add_argument("--holdout", metavar="COL=VAL[,VAL]", help="mark matching cells split=holdout")
+    b.add_argument("--holdout", metavar="COL=VAL[,VAL] | COL:FRACTION",
+                   help="mark cells split=holdout: those with the listed values, or about FRACTION of the "
+                        "column's distinct values, chosen by a seeded hash (e.g. donor_id:0.1)")
     b.add_argument("--codec", default="zstd", choices=("zstd", "lz4", "blosc-zstd"))
     b.add_argument("--allow-non-integer", action="store_true", help="accept non-integer (normalized) values")
     b.add_argument("--census-uri", metavar="URI",
                    help="a local or remote copy of the Census (default: the hosted Census, needs network)")
     b.add_argument("--census-version", metavar="VERSION",
-                   help="Census release, e.g. 2025-01-30 (default: stable; checked against --census-uri's build)")
+                   help="Census release, e.g. 2025-01-30 (default: stable; checked against the build of "
+                        "--census-uri)")
     b.add_argument("--census-filter", metavar="EXPR",
                    help="obs value filter for census: sources, e.g. \"tissue_general == 'lung' and "
                         "is_primary_data == True\"")
     b.add_argument("--overwrite", action="store_true", help="rebuild over an existing corpus")
-    b.add_argument("--jobs", type=int, default=0, metavar="N",
-                   help="processes writing shards (default 0: up to 4 for corpora of 100k cells or more, "
-                        "else 1)")
+    b.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="processes writing shards in pass 2 (default 1; 0: one per core, at most 4, for "
+                        "corpora of 100k cells or more)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     i = sub.add_parser("inspect", help="print a summary of a corpus")

@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,7 @@ from sharding import manifest as mf
 from sharding import soma_store, zarr_store
 from sharding.errors import InputError
 from sharding.obs import FIXED_COLUMNS, ObsPlan, plan_obs
+from sharding.readahead import read_ahead
 from sharding.sources import CensusOptions, Source, open_sources
 from sharding.spool import Categories, ShardSpool
 from sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, parse_matrix
@@ -45,6 +46,7 @@ from sharding.vocab import Alignment, Vocab, align, check_coverage, derive_vocab
 
 FORMATS = ("zarr", "soma", "both")
 _COUNTED = ("cell_type", "dataset_id", "split")  # per-shard tallies summed into the manifest
+READ_AHEAD = 2  # source blocks prepared ahead of dealing, in a thread (0: inline)
 AUTO_JOBS_MIN_CELLS = 100_000  # below this, --jobs 0 (auto) writes shards in the main process
 _OWNED = {"manifest.json", mf.MANIFEST_TMP, "vocab.tsv", "zarr", "soma", ".build"}
 
@@ -182,7 +184,7 @@ def _plan_source(source: Source, vocab: Vocab, cfg: BuildConfig, log: Callable[[
     log(f"{where}: {alignment.describe()}")
     check_coverage(alignment, file=where, min_coverage=cfg.min_coverage)
     obs = plan_obs(source, keep=_keep_columns(cfg), label_key=cfg.label_key,
-                   dataset_key=cfg.dataset_key, holdout=parse_holdout(cfg.holdout))
+                   dataset_key=cfg.dataset_key, holdout=parse_holdout(cfg.holdout, cfg.seed))
     for note in obs.notes:
         log(note)
     return _Plan(source, alignment, obs)
@@ -235,19 +237,15 @@ def _pass1(plans: list[_Plan], cfg: BuildConfig, vocab: Vocab, string_cols: list
     bar = tqdm(total=n_in, unit="cells", desc="pass 1 (read, validate, deal)", disable=_no_bar(cfg))
     for plan in plans:
         kept, dropped, faults = 0, 0, ValueFaults()
-        for block in plan.source.blocks(cfg.block_rows, plan.obs.read_columns):
-            bar.update(block.counts.shape[0])
-            faults.add(block.counts.data)
-            if not faults.is_clean(cfg.allow_non_integer):
+        for block in read_ahead(_prepared(plan, cfg), depth=READ_AHEAD):
+            bar.update(block.n_in)
+            faults.merge(block.faults)
+            if not faults.is_clean(cfg.allow_non_integer) or block.counts is None:
                 continue  # keep reading only to count every bad value for the message
-            counts = block.counts.astype(np.float32)
-            counts.eliminate_zeros()
-            counts = plan.alignment.apply(counts)
-            keep = genes_per_cell(counts) >= cfg.min_genes
-            counts, n_keep = counts[keep], int(keep.sum())
-            dropped += int(keep.size - n_keep)
-            columns = plan.obs.derive(block.obs, keep.size)
-            codes = np.stack([cats[c].encode(columns[c][keep]) for c in string_cols], axis=1)
+            counts, keep = block.counts, block.keep
+            n_keep = counts.shape[0]
+            dropped += block.n_in - n_keep
+            codes = np.stack([cats[c].encode(block.columns[c][keep]) for c in string_cols], axis=1)
             cell_ids = np.arange(next_id, next_id + n_keep, dtype=np.int64)
             dest = dealer.deal(n_keep)
             spool.add(dest, counts, cell_ids, codes)
@@ -266,14 +264,45 @@ def _pass1(plans: list[_Plan], cfg: BuildConfig, vocab: Vocab, string_cols: list
                          "vocabulary")
     state = {"fingerprint": fingerprint, "n_cells": next_id, "n_shards": dealer.n_shards,
              "shard_sizes": sizes.tolist(), "shard_nnz": nnz.tolist(),
-             "categories": {c: cats[c].values for c in string_cols}, "sources": stats}
+             "categories": {c: cats[c].values for c in string_cols}, "sources": stats,
+             "holdout_values": sorted(set().union(*(p.obs.held_out for p in plans)))}
     mf.write_atomic(build_dir / "pass1.json", json.dumps(state).encode())
     return state
 
 
+@dataclass
+class _Prepared:
+    """One source block, validated, cast, aligned to the vocabulary and filtered by --min-genes."""
+
+    n_in: int
+    faults: ValueFaults
+    counts: Any = None  # CSR float32 over the vocabulary, kept cells only (None once faults are seen)
+    keep: np.ndarray | None = None
+    columns: dict[str, np.ndarray] | None = None
+
+
+def _prepared(plan: _Plan, cfg: BuildConfig) -> Iterator[_Prepared]:
+    """The per-block work that needs no build state, so it can run ahead of dealing and spooling."""
+    clean = ValueFaults()
+    for block in plan.source.blocks(cfg.block_rows, plan.obs.read_columns):
+        faults = ValueFaults()
+        faults.add(block.counts.data)
+        clean.merge(faults)
+        n = block.counts.shape[0]
+        if not clean.is_clean(cfg.allow_non_integer):
+            yield _Prepared(n, faults)  # only counting bad values from here on
+            continue
+        counts = block.counts.astype(np.float32)
+        counts.eliminate_zeros()
+        counts = plan.alignment.apply(counts)
+        keep = genes_per_cell(counts) >= cfg.min_genes
+        yield _Prepared(n, faults, counts[keep], keep, plan.obs.derive(block.obs, n))
+
+
 def _source_stats(plan: _Plan, kept: int, dropped: int) -> dict[str, Any]:
     src = plan.source
-    return {"spec": src.spec, "kind": src.kind, "sha256": src.sha256(), **src.provenance(),
+    facts = {k: mf.redact(v) if isinstance(v, str) else v for k, v in src.provenance().items()}
+    return {"spec": mf.redact(src.spec), "kind": src.kind, "sha256": src.sha256(), **facts,
             "n_cells_in": src.n_cells, "n_cells_kept": kept, "n_dropped_min_genes": dropped,
             "matrix": src.matrix, "gene_coverage": round(plan.alignment.gene_coverage, 6),
             "vocab_coverage": round(plan.alignment.vocab_coverage, 6),
@@ -344,8 +373,10 @@ def _pass2(state: dict[str, Any], cfg: BuildConfig, vocab: Vocab, string_cols: l
 
 
 def pass2_jobs(jobs: int, n_cells: int, n_todo: int) -> int:
-    """Worker processes for pass 2: ``jobs``, or for 0 (auto) up to 4 when the corpus is big enough to
-    repay starting them (a spawned worker costs about two seconds of imports)."""
+    """Worker processes for pass 2: ``jobs``, or for 0 (auto) one per core up to 4 when the corpus is big
+    enough to repay starting them (a spawned worker costs 1-2 s of imports). Not the default: on the
+    2-core development machine, shared with other work, two workers were slower than one (no idle core,
+    plus the imports); `benchmarks/bench_corpus.py` measures both on a quiet machine."""
     if jobs == 0:
         jobs = min(4, os.cpu_count() or 1) if n_cells >= AUTO_JOBS_MIN_CELLS else 1
     return max(1, min(jobs, n_todo))
@@ -410,7 +441,7 @@ def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildCon
               string_cols: list[str]) -> dict[str, Any]:
     cats = state["categories"]
     counts = _column_counts(shards)
-    split = parse_holdout(cfg.holdout)
+    split = parse_holdout(cfg.holdout, cfg.seed)
     n_cells, nnz = state["n_cells"], int(sum(s["nnz"] for s in shards))
     return {
         "format_version": mf.FORMAT_VERSION,
@@ -424,8 +455,10 @@ def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildCon
              "sha256": s["sha256"]}
             for i, s in enumerate(shards)], "codec": cfg.codec, "chunk_nnz": zarr_store.CHUNK_NNZ},
         "soma": None if cfg.format == "zarr" else {"path": "soma", "n_cells": n_cells, "nnz": nnz},
-        "splits": {} if split is None else {"holdout": {"by": split[0], "values": split[1],
-                                                       "n_cells": counts["split"].get("holdout", 0)}},
+        "splits": {} if split is None else {"holdout": {
+            "by": split.column, **({"fraction": split.fraction} if split.fraction is not None else {}),
+            "values": list(split.values) if split.fraction is None else state["holdout_values"],
+            "n_cells": counts["split"].get("holdout", 0)}},
         "labels": counts["cell_type"],
         "datasets": counts["dataset_id"],
         "sources": state["sources"],

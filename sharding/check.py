@@ -32,10 +32,15 @@ def summarize(corpus_dir: str | Path, manifest: dict[str, Any] | None = None) ->
     lines.append(_counts("datasets", m["datasets"]))
     lines.append(_counts("labels", m["labels"]))
     for name, split in m.get("splits", {}).items():
-        lines.append(f"  split {name}: {split['by']} in {split['values']}: {split['n_cells']:,} cells")
+        chosen = (f"{split['fraction']:.0%} of {split['by']} values by hash ({len(split['values'])} held out)"
+                  if "fraction" in split else f"{split['by']} in {split['values']}")
+        lines.append(f"  split {name}: {chosen}: {split['n_cells']:,} cells")
     lines.append("  sources:")
     for s in m["sources"]:
-        lines.append(f"    {s['spec']}: kept {s['n_cells_kept']:,} of {s['n_cells_in']:,} cells "
+        where = f" where {s['filter']}" if s.get("filter") and s["filter"] not in s["spec"] else ""
+        build = f" (Census build {s['census_build_date']})" if s.get("census_build_date") else ""
+        lines.append(f"    {s['spec']}{where}{build}: kept {s['n_cells_kept']:,} of {s['n_cells_in']:,} "
+                     "cells "
                      f"({s['n_dropped_min_genes']:,} below --min-genes), counts from {s['matrix']}, "
                      f"{s['gene_coverage']:.1%} of its genes matched, "
                      f"{s['vocab_coverage']:.1%} of vocab covered")

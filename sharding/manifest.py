@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -181,3 +182,8 @@ def _first_duplicates(names: Iterable[str], limit: int = 5) -> list[str]:
                 break
         seen.add(name)
     return dups
+
+
+def redact(text: str) -> str:
+    """Hide a password in a URI (``s3://user:secret@host/...`` -> ``s3://user:***@host/...``)."""
+    return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", text)

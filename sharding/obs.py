@@ -9,11 +9,13 @@ per source, before any row is read, so a typo fails fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 
 from sharding.errors import InputError
 from sharding.sources import Source
+from sharding.validate import Holdout
 
 FIXED_COLUMNS = ["cell_id", "dataset_id", "cell_type", "source", "split"]
 UNKNOWN = "unknown"
@@ -27,9 +29,10 @@ class ObsPlan:
     dataset_col: str | None
     dataset_default: str
     keep: list[str]
-    holdout: tuple[str, list[str]] | None
+    holdout: Holdout | None
     holdout_col: str | None  # a source column, when the holdout column is not an output column
     notes: list[str] = field(default_factory=list)
+    held_out: set[str] = field(default_factory=set)  # values seen on the holdout side
 
     @property
     def read_columns(self) -> list[str]:
@@ -48,14 +51,16 @@ class ObsPlan:
             out[col] = _strings(obs[col])
         out["split"] = _full(n, "train")
         if self.holdout is not None:
-            col, values = self.holdout
+            col = self.holdout.column
             key = out[col] if col in out else _strings(obs[self.holdout_col])
-            out["split"] = np.where(np.isin(key, values), "holdout", "train").astype(object)
+            held = self.holdout.select(key)
+            self.held_out.update(pd.unique(key[held]).tolist())
+            out["split"] = np.where(held, "holdout", "train").astype(object)
         return out
 
 
 def plan_obs(source: Source, *, keep: list[str], label_key: str | None, dataset_key: str | None,
-             holdout: tuple[str, list[str]] | None) -> ObsPlan:
+             holdout: Holdout | None) -> ObsPlan:
     """Decide, for one source, which of its obs columns feed the corpus columns; refuse missing ones."""
     spec, avail = source.spec, set(source.obs_columns)
     notes = []
@@ -73,11 +78,11 @@ def plan_obs(source: Source, *, keep: list[str], label_key: str | None, dataset_
             raise InputError(f"{spec}: obs has no column '{col}' (from --keep-obs); available: "
                              f"{', '.join(sorted(avail)) or 'none'} (drop it from --keep-obs)")
     holdout_col = None
-    if holdout is not None and holdout[0] not in _DERIVED and holdout[0] not in keep:
-        if holdout[0] not in avail:
-            raise InputError(f"{spec}: obs has no column '{holdout[0]}' (from --holdout); available: "
+    if holdout is not None and holdout.column not in _DERIVED and holdout.column not in keep:
+        if holdout.column not in avail:
+            raise InputError(f"{spec}: obs has no column '{holdout.column}' (from --holdout); available: "
                              f"{', '.join(sorted(set(avail) | set(_DERIVED)))}")
-        holdout_col = holdout[0]
+        holdout_col = holdout.column
     return ObsPlan(spec, label_col, dataset_col, default, list(keep), holdout, holdout_col, notes)
 
 

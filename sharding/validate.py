@@ -6,6 +6,7 @@ failing, so the message gives the true number of bad values, not "at least one".
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,6 +57,12 @@ class ValueFaults:
         self.negative += int(np.count_nonzero(values < 0))
         self.non_integer += int(np.count_nonzero(values != np.round(values)))
 
+    def merge(self, other: "ValueFaults") -> None:
+        self.nan += other.nan
+        self.inf += other.inf
+        self.negative += other.negative
+        self.non_integer += other.non_integer
+
     def is_clean(self, allow_non_integer: bool = False) -> bool:
         return not (self.nan or self.inf or self.negative or (self.non_integer and not allow_non_integer))
 
@@ -85,16 +92,50 @@ def genes_per_cell(csr: sp.csr_matrix) -> np.ndarray:
     return np.diff(csr.indptr)
 
 
-def parse_holdout(text: str | None) -> tuple[str, list[str]] | None:
-    """``COL=VAL[,VAL]`` -> (column, values)."""
+@dataclass(frozen=True)
+class Holdout:
+    """Cells whose ``column`` is one of ``values``, or, with ``fraction``, whose value hashes (with the
+    seed) below it: about that share of the distinct values (donors, datasets), each wholly on one side,
+    decided value by value so it needs no list of all values and is the same in every rebuild."""
+
+    column: str
+    values: tuple[str, ...] = ()
+    fraction: float | None = None
+    seed: int = 0
+
+    def select(self, keys: np.ndarray) -> np.ndarray:
+        """Boolean mask of held-out cells for an array of (string) column values."""
+        if self.fraction is None:
+            return np.isin(keys, list(self.values))
+        codes, uniques = pd.factorize(np.asarray(keys, dtype=object))
+        held = np.array([self._hash(str(u)) < self.fraction for u in uniques], dtype=bool)
+        return held[codes] if len(codes) else np.zeros(0, dtype=bool)
+
+    def _hash(self, value: str) -> float:
+        digest = hashlib.blake2b(f"{self.seed}\0{value}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") / 2.0**64
+
+
+def parse_holdout(text: str | None, seed: int = 0) -> Holdout | None:
+    """``COL=VAL[,VAL]`` (those values) or ``COL:FRACTION`` (that share of the values, e.g. donor_id:0.1)."""
     if not text:
         return None
+    if "=" not in text and ":" in text:
+        col, _, frac = text.partition(":")
+        try:
+            fraction = float(frac)
+        except ValueError:
+            fraction = -1.0
+        if not col or not 0.0 < fraction < 1.0:
+            raise InputError(f"--holdout {text!r}: expected COL:FRACTION with 0 < FRACTION < 1 "
+                             "(e.g. --holdout donor_id:0.1)")
+        return Holdout(col, fraction=fraction, seed=seed)
     col, sep, vals = text.partition("=")
     values = [v for v in vals.split(",") if v]
     if not sep or not col or not values:
-        raise InputError(f"--holdout {text!r}: expected COL=VAL[,VAL] "
-                         "(e.g. --holdout dataset_id=synthetic_3)")
-    return col, values
+        raise InputError(f"--holdout {text!r}: expected COL=VAL[,VAL] or COL:FRACTION "
+                         "(e.g. --holdout dataset_id=synthetic_3 or --holdout donor_id:0.1)")
+    return Holdout(col, values=tuple(values), seed=seed)
 
 
 def parse_matrix(text: str | None) -> str | None:

@@ -88,6 +88,7 @@ class SourceGenes:
 
     names: list[str]
     columns: dict[str, list[str]] = field(default_factory=dict)
+    _keyed: list[tuple[str, bool, list[str]]] | None = field(default=None, repr=False, compare=False)
 
     def candidates(self) -> list[tuple[str, list[str]]]:
         keys = [("var_names", self.names)]
@@ -96,12 +97,25 @@ class SourceGenes:
                 keys.append((f"var['{col}']", self.columns[col]))
         return keys
 
+    def keyed(self) -> list[tuple[str, bool, list[str]]]:
+        """(key name, is Ensembl, match keys) per candidate: Ensembl ids version-stripped. Computed once
+        (one regex pass per value), as derivation and alignment ask for it several times per source."""
+        if self._keyed is None:
+            self._keyed = []
+            for name, values in self.candidates():
+                matches = [_ENSEMBL.match(v) for v in values]
+                ensembl = bool(values) and sum(m is not None for m in matches) >= _ENSEMBL_SHARE * len(values)
+                keys = ([m.group(1) + m.group(3) if m else v for m, v in zip(matches, values)] if ensembl
+                        else list(values))
+                self._keyed.append((name, ensembl, keys))
+        return self._keyed
+
     def preferred(self) -> tuple[list[str], list[str]]:
         """(ids, symbols) for a derived vocabulary: Ensembl ids when any key has them, else var_names."""
         ids, symbols = None, None
-        for _, values in self.candidates():
-            if looks_ensembl(values):
-                ids = ids or [strip_version(v) for v in values]
+        for (_, values), (_, ensembl, keys) in zip(self.candidates(), self.keyed()):
+            if ensembl:
+                ids = ids or keys
             else:
                 symbols = symbols or list(values)
         ids = ids or list(self.names)
@@ -173,7 +187,8 @@ class Alignment:
 
     def _set_cache(self) -> None:
         kept = self.col_map[self.col_map >= 0]
-        identity = self.n_source == self.n_vocab and bool(np.array_equal(self.col_map, np.arange(self.n_source)))
+        identity = self.n_source == self.n_vocab and bool(
+            np.array_equal(self.col_map, np.arange(self.n_source)))
         self._cache = (identity, bool(np.all(np.diff(kept) > 0)))
 
     def describe(self) -> str:
@@ -184,9 +199,7 @@ class Alignment:
 def align(genes: SourceGenes, vocab: Vocab) -> Alignment:
     """Map source genes to vocabulary columns by the (source key, vocab column) pair with most overlap."""
     best: Alignment | None = None
-    for key_name, values in genes.candidates():
-        ensembl = looks_ensembl(values)
-        keys = [strip_version(v) for v in values] if ensembl else list(values)
+    for key_name, ensembl, keys in genes.keyed():
         for target in ("gene_id", "symbol"):
             col_map = _map_unique(keys, vocab.lookup(target))
             how = f"{key_name}{' (Ensembl, versions stripped)' if ensembl else ''} -> vocab {target}"

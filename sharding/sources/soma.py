@@ -34,7 +34,8 @@ _PRIMARY = "is_primary_data"
 
 @dataclass(frozen=True)
 class CensusOptions:
-    """``--census-uri``, ``--census-version``, ``--census-filter``; a spec's ``?uri=&version=&filter=`` wins."""
+    """``--census-uri``, ``--census-version``, ``--census-filter``; a spec's ``?uri=&version=&filter=``
+    wins over them."""
 
     uri: str | None = None
     version: str | None = None
@@ -95,7 +96,8 @@ class SomaSource(Source):
                           + (f" where {value_filter}" if value_filter else ""))
         if _PRIMARY in obs_columns and _PRIMARY not in (value_filter or ""):
             self.notes.append(f"{spec}: the filter does not mention {_PRIMARY}, so cells present in several "
-                              f"datasets are included more than once (add `{_PRIMARY} == True` to avoid that)")
+                              f"datasets are included more than once (add `{_PRIMARY} == True` to avoid "
+                              "that)")
 
     @property
     def dataset_default(self) -> str:
@@ -133,9 +135,10 @@ class SomaSource(Source):
         except Exception as exc:  # a bad filter surfaces as SOMAError, ValueError or TileDBError
             if self.filter is None:
                 raise
-            raise InputError(f"{spec}: the obs filter {self.filter!r} is invalid ({first_line(exc)}); write it "
-                             "like \"tissue_general == 'lung' and is_primary_data == True\" using obs columns: "
-                             f"{', '.join(n for n in self.exp.obs.schema.names if n != 'soma_joinid')}") from None
+            columns = ", ".join(n for n in self.exp.obs.schema.names if n != "soma_joinid")
+            raise InputError(f"{spec}: the obs filter {self.filter!r} is invalid ({first_line(exc)}); write "
+                             "it like \"tissue_general == 'lung' and is_primary_data == True\" using obs "
+                             f"columns: {columns}") from None
         return np.sort(table["soma_joinid"].to_numpy())
 
     def _counts(self, ids: np.ndarray) -> sp.csr_matrix:
@@ -145,8 +148,8 @@ class SomaSource(Source):
         rows = np.searchsorted(ids, table["soma_dim_0"].to_numpy())
         cols = self._var_pos[table["soma_dim_1"].to_numpy()]
         if cols.size and cols.min() < 0:
-            raise InputError(f"{self.spec}: {self.matrix} has entries for genes missing from var; the store is "
-                             "inconsistent (repair or re-create it)")
+            raise InputError(f"{self.spec}: {self.matrix} has entries for genes missing from var; the store "
+                             "is inconsistent (repair or re-create it)")
         values = table["soma_data"].to_numpy()
         return sp.csr_matrix((values, (rows, cols)), shape=(ids.size, len(self.genes.names)))
 
@@ -193,7 +196,8 @@ class CensusSource(SomaSource):
 
 
 def open_census_source(spec: str, prefix: str, options: CensusOptions) -> CensusSource:
-    """``census:ORGANISM`` or ``census://ORGANISM[?uri=&version=&filter=]`` (spec options override ``options``)."""
+    """``census:ORGANISM`` or ``census://ORGANISM[?uri=&version=&filter=]``; spec options override
+    ``options``."""
     import cellxgene_census  # imported here: only Census builds pay for it
 
     organism, params = parse_spec(spec, prefix, ("uri", "version", "filter"))
@@ -227,7 +231,8 @@ def open_census_source(spec: str, prefix: str, options: CensusOptions) -> Census
     if uri and version and version not in ("stable", "latest") and build_date and build_date != version:
         census.close()
         raise InputError(f"{spec}: --census-version {version} was asked for but the store at {uri} is the "
-                         f"{build_date} build; point --census-uri at the {version} copy or drop --census-version")
+                         f"{build_date} build; point --census-uri at the {version} copy or drop "
+                         "--census-version")
     return CensusSource(spec, census, exp, organism=organism, uri=uri, version=version,
                         build_date=build_date, value_filter=value_filter)
 

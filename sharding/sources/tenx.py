@@ -95,11 +95,13 @@ class TenxMtxSource(Source):
         self.mtx = find_mtx(directory)
         feat_path = _first_file(directory, ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"))
         bc_path = _first_file(directory, ("barcodes.tsv.gz", "barcodes.tsv"))
-        missing = [n for n, p in (("matrix.mtx(.gz)", self.mtx), ("features.tsv(.gz) or genes.tsv", feat_path),
-                                  ("barcodes.tsv(.gz)", bc_path)) if p is None]
+        wanted = (("matrix.mtx(.gz)", self.mtx), ("features.tsv(.gz) or genes.tsv", feat_path),
+                  ("barcodes.tsv(.gz)", bc_path))
+        missing = [name for name, found in wanted if found is None]
         if missing:
             raise InputError(f"{directory}: 10x directory lacks {', '.join(missing)}; pass the folder that "
-                             "holds matrix.mtx, features.tsv and barcodes.tsv (e.g. outs/filtered_feature_bc_matrix)")
+                             "holds matrix.mtx, features.tsv and barcodes.tsv "
+                             "(e.g. outs/filtered_feature_bc_matrix)")
         assert self.mtx is not None and feat_path is not None and bc_path is not None
         self._files = [self.mtx, feat_path, bc_path]
         table = _read_tsv(feat_path)
@@ -111,7 +113,8 @@ class TenxMtxSource(Source):
         if (n_rows, n_cols) != (self.features.n_source, len(self.barcodes)):
             raise InputError(f"{self.mtx}: size line says {n_rows} features x {n_cols} barcodes but "
                              f"{feat_path.name} has {self.features.n_source} and {bc_path.name} has "
-                             f"{len(self.barcodes)}; the files come from different runs (re-export them together)")
+                             f"{len(self.barcodes)}; the files come from different runs "
+                             "(re-export them together)")
         super().__init__(spec=str(directory), kind="10x-mtx", path=directory, n_cells=n_cols,
                          genes=self.features.genes, matrix=self.mtx.name, obs_columns=[],
                          notes=list(self.features.notes))
@@ -130,16 +133,18 @@ class TenxMtxSource(Source):
         """Cells in order; streamed when the entries are grouped by barcode, else read whole."""
         buf = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float64),)
         next_start, seen, last = 0, 0, -1
-        for cells, genes, values in self._chunks():
+        chunks = self._chunks()
+        for cells, genes, values in chunks:
             seen += cells.size
             unsorted = cells.size and (cells[0] < last or np.any(np.diff(cells) < 0))
             if unsorted:
                 if next_start > 0:
                     raise InputError(
-                        f"{self.mtx}: entries are not grouped by barcode (column) past entry {seen - cells.size}; "
-                        "streaming needs them grouped as CellRanger writes them (rewrite the file column-major, "
-                        "e.g. scipy.io.mmwrite of a CSC matrix, or convert it to h5ad)")
-                yield from self._whole(rows, [buf, (cells, genes, values)])
+                        f"{self.mtx}: entries are not grouped by barcode (column) past entry "
+                        f"{seen - cells.size}; streaming needs them grouped as CellRanger writes them "
+                        "(rewrite the file column-major, e.g. scipy.io.mmwrite of a CSC matrix, or convert "
+                        "it to h5ad)")
+                yield from self._whole(rows, [buf, (cells, genes, values)], chunks)
                 return
             if cells.size:
                 last = int(cells[-1])
@@ -155,16 +160,17 @@ class TenxMtxSource(Source):
             yield block
             next_start = stop
 
-    def _whole(self, rows: int, parts: list[tuple[np.ndarray, ...]]) -> Iterator[Block]:
+    def _whole(self, rows: int, parts: list[tuple[np.ndarray, ...]],
+               rest: Iterator[tuple[np.ndarray, ...]]) -> Iterator[Block]:
+        """Read the remaining chunks of ``rest`` too, then hand out blocks of the whole matrix."""
         if self.nnz > MAX_UNSORTED_NNZ:
             raise InputError(
-                f"{self.mtx}: entries are not grouped by barcode (column) and the matrix has {self.nnz} entries, "
-                f"more than the {MAX_UNSORTED_NNZ} read in memory; rewrite it column-major (e.g. scipy.io.mmwrite "
-                "of a CSC matrix) or convert it to h5ad")
-        seen = sum(p[0].size for p in parts)
-        for chunk in self._chunks(skip=seen):
+                f"{self.mtx}: entries are not grouped by barcode (column) and the matrix has {self.nnz} "
+                f"entries, more than the {MAX_UNSORTED_NNZ} read in memory; rewrite it column-major "
+                "(e.g. scipy.io.mmwrite of a CSC matrix) or convert it to h5ad")
+        for chunk in rest:
             parts.append(chunk)
-            seen += chunk[0].size
+        seen = sum(p[0].size for p in parts)
         self._check_count(seen)
         cells, genes, values = (np.concatenate([p[i] for p in parts]) for i in range(3))
         csr = self._csr(cells, genes, values, self.n_cells)
@@ -172,7 +178,8 @@ class TenxMtxSource(Source):
             stop = min(start + rows, self.n_cells)
             yield Block(start, csr[start:stop], pd.DataFrame(index=self.barcodes[start:stop]))
 
-    def _cut(self, start: int, stop: int, buf: tuple[np.ndarray, ...]) -> tuple[Block, tuple[np.ndarray, ...]]:
+    def _cut(self, start: int, stop: int,
+             buf: tuple[np.ndarray, ...]) -> tuple[Block, tuple[np.ndarray, ...]]:
         k = int(np.searchsorted(buf[0], stop, side="left"))
         csr = self._csr(buf[0][:k] - start, buf[1][:k], buf[2][:k], stop - start)
         return Block(start, csr, pd.DataFrame(index=self.barcodes[start:stop])), tuple(a[k:] for a in buf)
@@ -185,11 +192,11 @@ class TenxMtxSource(Source):
         # duplicate entries are summed, as scipy.io.mmread does
         return sp.coo_matrix((values, (rows, cols)), shape=(n, len(self.features.genes.names))).tocsr()
 
-    def _chunks(self, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(cell, feature, value) arrays, 0-based, range-checked, MTX_CHUNK entries at a time."""
         n_features = self.features.n_source
         try:
-            reader = pd.read_csv(self.mtx, sep=r"\s+", header=None, skiprows=self._header_lines + skip,
+            reader = pd.read_csv(self.mtx, sep=r"\s+", header=None, skiprows=self._header_lines,
                                  names=["row", "col", "value"], usecols=[0, 1, 2], comment="%",
                                  dtype={"row": np.int64, "col": np.int64, "value": np.float64},
                                  chunksize=MTX_CHUNK, engine="c")
@@ -208,8 +215,8 @@ class TenxMtxSource(Source):
         except pd.errors.EmptyDataError:
             return
         except _READ_ERRORS as exc:
-            raise InputError(f"{self.mtx}: cannot read the entries ({first_line(exc)}); the file is truncated "
-                             "or corrupt (re-download or re-export it)") from None
+            raise InputError(f"{self.mtx}: cannot read the entries ({first_line(exc)}); the file is "
+                             "truncated or corrupt (re-download or re-export it)") from None
 
     def _check_count(self, seen: int) -> None:
         if seen != self.nnz:
@@ -218,7 +225,8 @@ class TenxMtxSource(Source):
 
 
 class TenxH5Source(Source):
-    """A CellRanger ``.h5``: v3 ``matrix/{data,indices,indptr,shape,barcodes,features/...}`` or v2 per genome."""
+    """A CellRanger ``.h5``: v3 ``matrix/{data,indices,indptr,shape,barcodes,features/...}``, or v2 (one
+    group per genome)."""
 
     def __init__(self, path: Path):
         try:
@@ -269,12 +277,13 @@ class TenxH5Source(Source):
             try:
                 data, indices = self._data[a:b], self._indices[a:b].astype(np.int64)
             except _READ_ERRORS + (RuntimeError,) as exc:
-                raise InputError(f"{self.path}: cannot read cells {start}-{stop} ({first_line(exc)}); the file "
-                                 "is truncated or corrupt (re-download it)") from None
+                raise InputError(f"{self.path}: cannot read cells {start}-{stop} ({first_line(exc)}); "
+                                 "the file is truncated or corrupt (re-download it)") from None
             if indices.size and (indices.min() < 0 or indices.max() >= n_source):
                 raise InputError(f"{self.path}: feature indices outside 0-{n_source - 1} in cells "
                                  f"{start}-{stop}; the file is corrupt (re-download it)")
-            csr = sp.csr_matrix((data, indices, self._indptr[start:stop + 1] - a), shape=(stop - start, n_source))
+            indptr = self._indptr[start:stop + 1] - a
+            csr = sp.csr_matrix((data, indices, indptr), shape=(stop - start, n_source))
             cols = self.features.col_map
             if (cols < 0).any():
                 csr = csr[:, np.flatnonzero(cols >= 0)]
@@ -294,7 +303,8 @@ class TenxH5Source(Source):
             return g, _Features(f"{path}: matrix/features", _strings(feats["id"][:]), names, types)
         genomes = [k for k in f if isinstance(f[k], h5py.Group) and "barcodes" in f[k]]
         if len(genomes) != 1:
-            what = f"several genomes ({', '.join(genomes)})" if genomes else f"no 'matrix' group (has {', '.join(f)})"
+            what = (f"several genomes ({', '.join(genomes)})" if genomes
+                    else f"no 'matrix' group (has {', '.join(f)})")
             raise InputError(f"{path}: not a single-genome CellRanger h5 ({what}); pass a CellRanger v2/v3 "
                              "filtered_feature_bc_matrix.h5")
         g = f[genomes[0]]
@@ -318,7 +328,7 @@ def _read_tsv(path: Path) -> pd.DataFrame:
 
 
 def _mtx_header(path: Path) -> tuple[int, int, int, int]:
-    """(header lines, rows, cols, entries) of a Matrix Market file; refuses what is not a sparse count matrix."""
+    """(header lines, rows, cols, entries) of a Matrix Market file; refuses all but sparse count matrices."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="ascii", errors="replace") as f:
@@ -343,8 +353,8 @@ def _mtx_header(path: Path) -> tuple[int, int, int, int]:
     except InputError:
         raise
     except _READ_ERRORS as exc:
-        raise InputError(f"{path}: cannot read the header ({first_line(exc)}); the file is truncated or corrupt "
-                         "(re-download or re-export it)") from None
+        raise InputError(f"{path}: cannot read the header ({first_line(exc)}); the file is truncated or "
+                         "corrupt (re-download or re-export it)") from None
     raise InputError(f"{path}: no 'rows cols entries' size line after the header; the file is truncated "
                      "(re-download or re-export it)")
 

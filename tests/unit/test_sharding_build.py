@@ -252,7 +252,8 @@ def test_hand_written_chunks_are_the_bytes_zarr_writes(tmp_path: Path, codec: st
         mine = sorted(p.name for p in (ours / "X" / name / "c").iterdir())
         assert mine == sorted(p.name for p in (tmp_path / "ref" / name / "c").iterdir())
         for key in mine:
-            assert (ours / "X" / name / "c" / key).read_bytes() == (tmp_path / "ref" / name / "c" / key).read_bytes()
+            ref_bytes = (tmp_path / "ref" / name / "c" / key).read_bytes()
+            assert (ours / "X" / name / "c" / key).read_bytes() == ref_bytes
 
 
 def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
@@ -262,7 +263,8 @@ def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
                progress=False)
     serial = build(BuildConfig(out=tmp_path / "serial", jobs=1, **cfg), log=lambda s: None)
     parallel = build(BuildConfig(out=tmp_path / "parallel", jobs=2, **cfg), log=lambda s: None)
-    assert [s["sha256"] for s in serial["zarr"]["shards"]] == [s["sha256"] for s in parallel["zarr"]["shards"]]
+    checksums = [s["sha256"] for s in serial["zarr"]["shards"]]
+    assert checksums == [s["sha256"] for s in parallel["zarr"]["shards"]]
     assert serial["labels"] == parallel["labels"] and verify(tmp_path / "parallel") == []
     with soma.Experiment.open(str(tmp_path / "parallel" / "soma")) as exp:
         obs = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
@@ -270,3 +272,65 @@ def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
         ref = exp.obs.read().concat().to_pandas().sort_values("soma_joinid")
     assert obs["cell_id"].tolist() == ref["cell_id"].tolist()
     assert pass2_jobs(0, 50_000, 10) == 1 and pass2_jobs(3, 50_000, 2) == 2 and pass2_jobs(0, 10**6, 1) == 1
+
+
+def test_soma_cells_are_written_in_tiledb_global_order() -> None:
+    from sharding.soma_store import X_TILE, _global_order
+
+    x = sp.random(5000, 4500, density=0.01, format="csr", random_state=2)
+    rows = 3000 + np.repeat(np.arange(5000), np.diff(x.indptr))
+    cols = x.indices.astype(np.int64)
+    expected = np.lexsort((cols, rows, cols // X_TILE[1], rows // X_TILE[0]))
+    np.testing.assert_array_equal(_global_order(rows, cols), expected)
+
+
+def test_holdout_a_fraction_of_donors(tmp_path: Path) -> None:
+    from sharding.validate import parse_holdout
+
+    cfg = dict(sources=["synthetic://cells=3000,genes=40,datasets=6,density=0.3"], cells_per_shard=1000,
+               holdout="donor_id:0.3", keep_obs=["donor_id"], progress=False)
+    m = build(BuildConfig(out=tmp_path / "c", **cfg), log=lambda s: None)
+    obs = pd.concat(ad.read_zarr(tmp_path / "c" / s["path"]).obs for s in m["zarr"]["shards"])
+    by_donor = obs.groupby("donor_id")["split"].agg(set)
+    assert all(len(sides) == 1 for sides in by_donor)  # every donor wholly on one side
+    held = sorted(d for d, sides in by_donor.items() if sides == {"holdout"})
+    assert 0 < len(held) < len(by_donor)
+    assert m["splits"]["holdout"] == {"by": "donor_id", "fraction": 0.3, "values": held,
+                                      "n_cells": int((obs["split"] == "holdout").sum())}
+    again = build(BuildConfig(out=tmp_path / "again", **cfg), log=lambda s: None)
+    assert again["splits"] == m["splits"]
+    assert "30% of donor_id values by hash" in summarize(tmp_path / "c")
+    for bad in ("donor_id:1.5", "donor_id:x", ":0.1"):
+        with pytest.raises(InputError, match="expected COL:FRACTION with 0 < FRACTION < 1"):
+            parse_holdout(bad)
+    assert parse_holdout("dataset_id=a,b").values == ("a", "b")
+
+
+def test_read_ahead_keeps_order_passes_errors_and_stops() -> None:
+    import threading
+
+    from sharding.readahead import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise InputError("bad block")
+
+    got = []
+    with pytest.raises(InputError, match="bad block"):
+        for x in read_ahead(failing(), depth=2):
+            got.append(x)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    gen = read_ahead(endless(), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the consumer stops: the thread must stop too, a few items ahead at most
+    assert not any(t.name == "sharding-read-ahead" for t in threading.enumerate())
+    assert len(produced) <= 5

@@ -63,7 +63,8 @@ def make_census_store(root: Path, n_cells: int = 300, n_genes: int = 50, seed: i
     return {"x": x, "obs": obs, "var": var}
 
 
-def _experiment(data: soma.Collection, name: str, obs: pd.DataFrame, var: pd.DataFrame, x: np.ndarray) -> None:
+def _experiment(data: soma.Collection, name: str, obs: pd.DataFrame, var: pd.DataFrame,
+                x: np.ndarray) -> None:
     exp = data.add_new_collection(name, soma.Experiment)
     table = pa.Table.from_pandas(obs, preserve_index=False)
     for col in ("dataset_id", "assay", "cell_type"):  # the Census stores these as enumerations
@@ -174,8 +175,10 @@ def test_journey_two_cli_form(tmp_path: Path, census_store, capsys: pytest.Captu
     assert m["datasets"]["collab1"] == 25
     assert main(["verify", str(out)]) == 0
     capsys.readouterr()
+    n_selected = int(((truth["obs"]["tissue_general"] == "lung") & truth["obs"]["is_primary_data"]).sum())
     assert main(["inspect", str(out)]) == 0
-    assert "census:homo_sapiens: kept" in capsys.readouterr().out
+    assert ("census:homo_sapiens where tissue_general == 'lung' and is_primary_data == True (Census build "
+            f"{BUILD_DATE}): kept {rows.size} of {n_selected} cells") in capsys.readouterr().out
 
 
 def test_existing_soma_experiment_with_options(tmp_path: Path) -> None:
@@ -211,18 +214,20 @@ def test_existing_soma_experiment_with_options(tmp_path: Path) -> None:
 
     n_frac = int(np.count_nonzero(np.log1p(x) != np.round(np.log1p(x))))
     assert fails(f"soma://{uri}?layer=data") == (
-        f"soma://{uri}?layer=data: ms['RNA'].X['data'] has {n_frac} non-integer values; counts must be whole "
-        "numbers (pass --allow-non-integer if the input is normalized on purpose, or --matrix to pick the raw "
-        "counts)")
+        f"soma://{uri}?layer=data: ms['RNA'].X['data'] has {n_frac} non-integer values; counts must be "
+        "whole numbers (pass --allow-non-integer if the input is normalized on purpose, or --matrix to pick "
+        "the raw counts)")
     assert fails(f"soma://{uri}") == (
         f"soma://{uri}: no X layer 'raw' (has: counts, data); pass layer=NAME with one of those")
     assert fails(f"soma://{uri}?measurement=ATAC") == (
-        f"soma://{uri}?measurement=ATAC: no measurement 'ATAC' (has: RNA); pass measurement=NAME with one of those")
+        f"soma://{uri}?measurement=ATAC: no measurement 'ATAC' (has: RNA); pass measurement=NAME with one "
+        "of those")
     assert fails(f"soma://{uri}?layer=counts&filter=cell_type == 'NK'") == (
-        f"soma://{uri}?layer=counts&filter=cell_type == 'NK': the obs filter \"cell_type == 'NK'\" selects no "
-        "cells; check the filter's column names and values")
+        f"soma://{uri}?layer=counts&filter=cell_type == 'NK': the obs filter \"cell_type == 'NK'\" selects "
+        "no cells; check the filter's column names and values")
     assert fails(f"soma://{uri}?layer=counts&filter=tissue == 'lung'").startswith(
-        f"soma://{uri}?layer=counts&filter=tissue == 'lung': the obs filter \"tissue == 'lung'\" is invalid (")
+        f"soma://{uri}?layer=counts&filter=tissue == 'lung': the obs filter \"tissue == 'lung'\" is "
+        "invalid (")
     assert fails(f"soma://{tmp_path / 'nope'}").startswith(
         f"soma://{tmp_path / 'nope'}: cannot open a TileDB-SOMA Experiment at {tmp_path / 'nope'} (")
     assert fails(f"soma://{uri}?layr=counts") == (
@@ -237,7 +242,8 @@ def test_our_own_soma_output_is_a_source(tmp_path: Path) -> None:
     again = tmp_path / "again"
     m2 = build(BuildConfig(sources=[f"soma://{first / 'soma'}?filter=split == 'train'"], out=again,
                            cells_per_shard=100, progress=False), log=lambda s: None)
-    assert m2["n_cells"] == m1["n_cells"] and m2["labels"] == m1["labels"] and m2["datasets"] == m1["datasets"]
+    assert m2["n_cells"] == m1["n_cells"] and m2["labels"] == m1["labels"]
+    assert m2["datasets"] == m1["datasets"]
     assert mf.read_vocab(again) == mf.read_vocab(first)
 
 
@@ -281,3 +287,11 @@ def test_parse_spec() -> None:
         "a", {"layer": "x", "filter": "a == 'b' & c > 1"})
     with pytest.raises(InputError, match="unknown option 'bogus'"):
         parse_spec("census:hs?bogus", "census:", ("uri",))
+
+
+def test_credentials_in_uris_are_redacted_in_the_manifest() -> None:
+    from sharding.manifest import redact
+
+    assert redact("soma://s3://me:secret@host/atlas?layer=raw") == "soma://s3://me:***@host/atlas?layer=raw"
+    assert redact("census:homo_sapiens?uri=https://u:p@h/c") == "census:homo_sapiens?uri=https://u:***@h/c"
+    assert redact("data/a.h5ad") == "data/a.h5ad"

@@ -146,7 +146,8 @@ def test_mtx_v2_genes_tsv_and_symbol_vocab(tmp_path: Path) -> None:
 def test_mtx_notes_and_antibody_features_skipped(tmp_path: Path) -> None:
     d = _mtx_dir(tmp_path, _counts())
     lines: list[str] = []
-    build(BuildConfig(sources=[str(d / "matrix.mtx.gz")], out=tmp_path / "c", progress=False), log=lines.append)
+    build(BuildConfig(sources=[str(d / "matrix.mtx.gz")], out=tmp_path / "c", progress=False),
+          log=lines.append)
     assert f"{d / 'features.tsv.gz'}: kept {N_GENES} 'Gene Expression' features, skipped {N_ADT} " \
            "'Antibody Capture'" in lines
 
@@ -154,7 +155,8 @@ def test_mtx_notes_and_antibody_features_skipped(tmp_path: Path) -> None:
 def _fails(tmp: Path, source: Path, **kw) -> str:
     out = tmp / "failed"
     with pytest.raises(InputError) as err:
-        build(BuildConfig(sources=[str(source)], out=out, block_rows=16, progress=False, **kw), log=lambda s: None)
+        build(BuildConfig(sources=[str(source)], out=out, block_rows=16, progress=False, **kw),
+              log=lambda s: None)
     assert not (out / "manifest.json").exists() and not (out / ".build").exists()
     assert "\n" not in str(err.value)
     return str(err.value)
@@ -165,9 +167,9 @@ def test_mtx_gene_major_over_the_memory_limit_is_refused(tmp_path: Path, monkeyp
     d = _mtx_dir(tmp_path, _counts(), gene_major=True)
     nnz = int(np.count_nonzero(_counts()))
     assert _fails(tmp_path, d) == (
-        f"{d / 'matrix.mtx.gz'}: entries are not grouped by barcode (column) and the matrix has {nnz} entries, "
-        f"more than the 10 read in memory; rewrite it column-major (e.g. scipy.io.mmwrite of a CSC matrix) "
-        "or convert it to h5ad")
+        f"{d / 'matrix.mtx.gz'}: entries are not grouped by barcode (column) and the matrix has {nnz} "
+        "entries, more than the 10 read in memory; rewrite it column-major (e.g. scipy.io.mmwrite of a CSC "
+        "matrix) or convert it to h5ad")
 
 
 def test_mtx_order_broken_after_streaming_started(tmp_path: Path, monkeypatch) -> None:
@@ -197,8 +199,8 @@ def test_mtx_truncated_and_mismatched(tmp_path: Path) -> None:
         "barcodes.tsv has 1; the files come from different runs (re-export them together)")
     (d / "barcodes.tsv").unlink()
     assert _fails(tmp_path, d) == (
-        f"{d}: 10x directory lacks barcodes.tsv(.gz); pass the folder that holds matrix.mtx, features.tsv and "
-        "barcodes.tsv (e.g. outs/filtered_feature_bc_matrix)")
+        f"{d}: 10x directory lacks barcodes.tsv(.gz); pass the folder that holds matrix.mtx, features.tsv "
+        "and barcodes.tsv (e.g. outs/filtered_feature_bc_matrix)")
 
 
 def test_mtx_bad_values_and_duplicate_barcodes(tmp_path: Path) -> None:
@@ -242,7 +244,8 @@ def test_h5_mixed_with_h5ad_and_bad_h5(tmp_path: Path) -> None:
         f["matrix"].create_dataset("barcodes", data=np.array([b"x"] * 3))
     assert _fails(tmp_path, h5) == (
         f"{h5}: matrix: shape is {N_GENES + N_ADT} features x {N_CELLS} barcodes but it lists "
-        f"{N_GENES + N_ADT} features and 3 barcodes; the file is corrupt (re-run cellranger or re-download it)")
+        f"{N_GENES + N_ADT} features and 3 barcodes; the file is corrupt (re-run cellranger or re-download "
+        "it)")
     junk = tmp_path / "junk.h5"
     junk.write_text("not hdf5")
     assert _fails(tmp_path, junk).startswith(f"{junk}: cannot read 10x h5 (")

@@ -1,0 +1,1 @@
+"""Benchmark scripts (run by hand or by make targets; not tests)."""
