@@ -67,7 +67,7 @@ class BuildConfig:
     matrix: str | None = None
     min_genes: int = 1
     holdout: str | None = None
-    codec: str = "zstd"
+    codec: str = "blosc-zstd"
     seed: int = 0
     min_coverage: float = 0.5
     allow_non_integer: bool = False
