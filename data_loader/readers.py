@@ -241,14 +241,15 @@ class SomaReader:
         order = np.argsort(jids, kind="stable")
         sorted_j = jids[order]
         X = exp.ms[self.measurement].X[self.layer]
-        tbl = pa.concat_tables(X.read(coords=(pa.array(sorted_j),)).tables())
+        tbl = pa.concat_tables(X.read(coords=(pa.array(sorted_j),), result_order="row-major").tables())
         dim0 = tbl.column("soma_dim_0").to_numpy()
         dim1 = tbl.column("soma_dim_1").to_numpy()
         val = tbl.column("soma_data").to_numpy()
-        # SOMA returns COO in no promised order: sort by (row in sorted_j, column)
+        # row-major results arrive sorted by (row, column); verify cheaply, sort only if not
+        if len(dim0) > 1 and (np.any(np.diff(dim0) < 0)):
+            o = np.lexsort((dim1, dim0))
+            dim0, dim1, val = dim0[o], dim1[o], val[o]
         r = np.searchsorted(sorted_j, dim0)
-        o = np.lexsort((dim1, r))
-        r, dim1, val = r[o], dim1[o], val[o]
         indptr = np.zeros(len(sorted_j) + 1, dtype=np.int64)
         np.add.at(indptr, r + 1, 1)
         indptr = np.cumsum(indptr)

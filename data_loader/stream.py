@@ -87,20 +87,32 @@ class CorpusDataset(IterableDataset):
 
 
 def _prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run ``it`` in a background thread, ``depth`` items ahead (zarr/numcodecs release the GIL)."""
+    """Run ``it`` in a background thread, ``depth`` items ahead (zarr/numcodecs release the GIL).
+
+    Leaving the loop early (break, exception, garbage collection) stops the producer and joins it,
+    so no thread is left inside a reader at interpreter exit.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in it:
-                if stop.is_set():
+                if not put(item):
                     return
-                q.put(item)
-            q.put(done)
+            put(done)
         except BaseException as e:  # hand the error to the consumer
-            q.put(e)
+            put(e)
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
@@ -111,6 +123,12 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        while t.is_alive():  # unblock a producer waiting on a full queue, then wait for it
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.05)
 
 
 class StreamingLoader:
@@ -200,6 +218,9 @@ class StreamingLoader:
         ds = CorpusDataset(self.reader, self.reader.sizes, self.block_size, self.batch_size,
                            self.window_batches, self.rank, self.world_size, state, self.read_ahead)
         kw = {"prefetch_factor": 2, "persistent_workers": self.persistent_workers} if self.num_workers else {}
+        if self.num_workers and isinstance(self.reader, SomaReader):
+            # TileDB's thread pool does not survive fork(): forked workers deadlock in their first query.
+            kw["multiprocessing_context"] = "spawn"
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kw)
 
     def __iter__(self) -> Iterator[dict]:

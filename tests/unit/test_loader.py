@@ -120,3 +120,20 @@ def test_held_out_cells_are_never_streamed_for_training(tmp_path, backend):
     assert got["holdout"][1] == {"synthetic_2"} and "synthetic_2" not in got["train"][1]
     assert len(got["holdout"][0]) == man["splits"]["holdout"]["n_cells"]
     assert len(set(got["train"][0]) | set(got["holdout"][0])) == man["n_cells"]
+
+
+def test_soma_with_worker_processes_streams_and_early_exit_is_clean(small_corpus, tmp_path):
+    """TileDB + forked workers deadlock: SOMA workers are spawned. Breaking out mid-epoch must
+    leave no reader thread behind (the process exits 0)."""
+    code = (
+        "from data_loader import StreamingLoader\n"
+        f"L = StreamingLoader({str(small_corpus)!r}, backend='soma', batch_size=64, seed=0, rank=0, world_size=1,"
+        " num_workers=2, block_size=128, window_batches=4)\n"
+        "n = sum(b['cell_id'].numel() for b in L)\n"
+        f"M = StreamingLoader({str(small_corpus)!r}, backend='soma', batch_size=64, seed=0, rank=0, world_size=1)\n"
+        "for i, b in enumerate(M):\n"
+        "    if i == 2: break\n"
+        "print('cells', n)\n"
+    )
+    p = run_cli(["-c", code], timeout=240)
+    assert "cells 2999" in p.stdout or "cells 2998" in p.stdout
