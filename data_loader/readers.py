@@ -203,14 +203,14 @@ class SomaReader:
             tbl = exp.obs.read(value_filter=value_filter, column_names=["soma_joinid"]).concat()
             self.joinids = np.sort(tbl.column("soma_joinid").to_numpy())
         else:
-            n = exp.obs.count
-            self.joinids = np.arange(n, dtype=np.int64)
+            self.joinids = None  # identity: no per-cell array for an unfiltered experiment
+        n = len(self.joinids) if self.joinids is not None else int(exp.obs.count)
         # Blocks over SOMA rows follow the corpus's shard boundaries when given (so the Zarr and
         # SOMA backends of one corpus stream the identical sequence); else one virtual shard.
-        if shard_sizes is not None and sum(shard_sizes) == len(self.joinids):
+        if shard_sizes is not None and sum(shard_sizes) == n:
             self.sizes = list(shard_sizes)
         else:
-            self.sizes = [len(self.joinids)]
+            self.sizes = [n]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
     def __getstate__(self) -> dict:
@@ -237,7 +237,7 @@ class SomaReader:
         import pyarrow as pa
 
         exp = self._experiment()
-        jids = self.joinids[rows]
+        jids = self.joinids[rows] if self.joinids is not None else np.asarray(rows, dtype=np.int64)
         order = np.argsort(jids, kind="stable")
         sorted_j = jids[order]
         X = exp.ms[self.measurement].X[self.layer]

@@ -13,6 +13,11 @@ AnnData you have read yourself.
     # adata.obs["predicted_cell_type"], adata.obs["predicted_cell_type_probability"]
     clf = evaluate.finetune(model, ref, "cell_type", mode="partial", save_to="heads/v1")
     evaluate.annotate(model, adata, head="heads/v1")    # the saved head, no reference needed
+
+Methods from the field (issue 8): ``finetune(..., loss="gaussian_inflation", hard_mining=True)``
+for rare cell types (``evaluate.longtail``); ``genept_embed`` / ``genept_annotate``, the GenePT-w
+baseline from a per-gene embedding file (``evaluate.genept``); ``langcell_annotate``, zero-shot
+labels from label-text embeddings (``evaluate.langcell``).
 """
 from evaluate.annotate import annotate
 from evaluate.classifier import Classifier
@@ -20,8 +25,10 @@ from evaluate.embedding import embed
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export, load_export
 from evaluate.finetune import finetune
+from evaluate.genept import genept_annotate, genept_embed
 from evaluate.heads import Head
+from evaluate.langcell import langcell_annotate
 from evaluate.report import report
 
-__all__ = ["Classifier", "EvaluateError", "Export", "Head", "annotate", "embed", "finetune", "load_export",
-           "report"]
+__all__ = ["Classifier", "EvaluateError", "Export", "Head", "annotate", "embed", "finetune",
+           "genept_annotate", "genept_embed", "langcell_annotate", "load_export", "report"]

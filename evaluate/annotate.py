@@ -133,7 +133,8 @@ def annotate(
 
     ``head``: "auto" / "linear" / "mlp" / "scbert" fine-tune a classifier on the reference
     (``mode`` "frozen", "partial" or "full", ``unfreeze``; ``fit_kwargs`` go to
-    ``finetune.fit_classifier``; ``save_head`` keeps it); "knn" votes among the ``k``
+    ``finetune.fit_classifier``, e.g. ``loss="gaussian_inflation", hard_mining=True`` for rare
+    types, see ``evaluate.longtail``; ``save_head`` keeps it); "knn" votes among the ``k``
     nearest reference cells (cosine) without training, neighbours farther than
     ``max_distance`` not voting ("auto": the reference's own 99th-percentile neighbour
     distance), so cells of a type the reference lacks come out "Unassigned"; a

@@ -1,9 +1,11 @@
 """Fine-tune a classifier: a head on the frozen encoder, or the head with part or all of the encoder.
 
-Class-weighted cross-entropy (rare cell types count as much as common ones, as in the
-MAE reference's downstream protocol), early stopping on a stratified validation split
-of the training cells, and the same result for the same seed: the split, the
-initialization, the batch order and dropout all draw from RNGs seeded here.
+Class-weighted cross-entropy by default (rare cell types count as much as common ones,
+as in the MAE reference's downstream protocol; ``loss="ce"`` and the long-tail options
+``loss="gaussian_inflation"`` and ``hard_mining=True`` are described in
+``evaluate.longtail``), early stopping on a stratified validation split of the training
+cells, and the same result for the same seed: the split, the initialization, the batch
+order, dropout and the inflation noise all draw from RNGs seeded here.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from torch import nn
 
 from evaluate.align import align_to_vocab
 from evaluate.classifier import Classifier, resolve_kind
@@ -24,6 +25,8 @@ from evaluate.embedding import as_export, embed_counts, pick_device
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export
 from evaluate.heads import HEAD_KINDS, Head
+from evaluate.longtail import Criterion, LongTail, make_criterion, mine_hard
+from evaluate.longtail import class_weights  # noqa: F401  (importable from here, as before)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,13 +65,6 @@ def labels_of(adata: Any, label_key: str, name: str = "reference") -> tuple[np.n
     return labels, keep
 
 
-def class_weights(y: np.ndarray, n_classes: int) -> torch.Tensor:
-    """n / (n_classes * count_c); classes absent from y get weight 0 (they contribute no loss anyway)."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
 def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
@@ -82,7 +78,7 @@ def _train(
     y: torch.Tensor,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
-    weights: torch.Tensor,
+    criterion: Criterion,
     *,
     batch_size: int,
     max_epochs: int,
@@ -90,14 +86,16 @@ def _train(
     weight_decay: float,
     seed: int,
     eval_batch_size: int = 8192,
+    sample_weight: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """The one training loop: AdamW, class-weighted cross-entropy, early stopping on the validation loss.
+    """The one training loop: AdamW on ``criterion``, early stopping on its validation loss.
 
     ``step_logits(rows)`` -> logits for those cells (training or evaluation mode as set by ``set_mode``).
     Keeps the best epoch's state (``snapshot`` / ``restore``). Batch order comes from a generator
-    seeded with ``seed``; the caller seeds torch's RNG (initialization, dropout).
+    seeded with ``seed``; the caller seeds torch's RNG (initialization, dropout, inflation noise).
+    ``sample_weight`` [n_cells] (hard mining) weights each training cell's loss.
     """
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    criterion = criterion.to(y.device)
     opt = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     best_loss, best_state, best_epoch, epoch = float("inf"), snapshot(), 0, 0
@@ -106,7 +104,8 @@ def _train(
         order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         for b in _batches(order, batch_size):
             opt.zero_grad(set_to_none=True)
-            loss_fn(step_logits(b), y[b]).backward()
+            sw = None if sample_weight is None else sample_weight[torch.as_tensor(b, device=y.device)]
+            criterion(step_logits(b), y[b], sw).backward()
             opt.step()
         if len(val_idx) == 0:  # too few cells to hold any out: train the full budget
             best_state, best_epoch = snapshot(), epoch
@@ -114,7 +113,7 @@ def _train(
         set_mode(False)
         with torch.no_grad():
             logits = torch.cat([step_logits(b) for b in _batches(val_idx, eval_batch_size)])
-            val_loss = float(loss_fn(logits, y[val_idx]))
+            val_loss = float(criterion.validation(logits, y[val_idx]))
         if val_loss < best_loss - 1e-6:
             best_loss, best_state, best_epoch = val_loss, snapshot(), epoch
         elif epoch - best_epoch >= patience:
@@ -123,7 +122,51 @@ def _train(
     set_mode(False)
     return {"n_train": int(len(train_idx)), "n_val": int(len(val_idx)), "best_epoch": best_epoch,
             "epochs_run": epoch, "best_val_loss": None if best_loss == float("inf") else best_loss,
-            "seed": seed, "weight_decay": weight_decay, "batch_size": batch_size, "class_weighted": True}
+            "seed": seed, "weight_decay": weight_decay, "batch_size": batch_size,
+            "class_weighted": criterion.class_weight is not None, "loss": criterion.name}
+
+
+def _train_phases(
+    step_logits: Callable[[np.ndarray], torch.Tensor],
+    param_groups: list[dict],
+    set_mode: Callable[[bool], None],
+    snapshot: Callable[[], dict],
+    restore: Callable[[dict], None],
+    y: torch.Tensor,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    classes: list[str],
+    longtail: LongTail,
+    **train_kw: Any,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Phase 1 with ``longtail.loss``; with ``longtail.hard_mining`` phase 2 on the mined hard cells.
+
+    Returns (training info, the hard training cells as row indices, or None without mining).
+    """
+    y_np = y.cpu().numpy()
+    criterion = make_criterion(longtail, y_np[train_idx], len(classes))
+    info = _train(step_logits, param_groups, set_mode, snapshot, restore, y, train_idx, val_idx, criterion,
+                  **train_kw)
+    info["longtail"] = longtail.describe()
+    if not longtail.hard_mining:
+        return info, None
+    set_mode(False)
+    bs = train_kw.get("eval_batch_size", 8192)
+    with torch.no_grad():
+        proba = torch.cat([torch.softmax(step_logits(b), dim=1).float().cpu()
+                           for b in _batches(train_idx, bs)]).numpy()
+    hard = train_idx[mine_hard(proba, y_np[train_idx], longtail.hard_margin)]
+    weight = torch.ones(len(y_np), dtype=torch.float32, device=y.device)
+    weight[torch.as_tensor(hard, device=y.device)] = longtail.hard_weight
+    groups = [{**g, "lr": g["lr"] * longtail.hard_lr_scale} for g in param_groups]
+    phase2 = _train(step_logits, groups, set_mode, snapshot, restore, y, train_idx, val_idx, criterion,
+                    sample_weight=weight, **train_kw)
+    info["hard_mining"] = {
+        "n_hard": int(len(hard)),
+        "n_hard_per_class": {classes[c]: int(n) for c, n in zip(*np.unique(y_np[hard], return_counts=True))},
+        "phase1_best_val_loss": info["best_val_loss"], "best_val_loss": phase2["best_val_loss"],
+        "best_epoch": phase2["best_epoch"], "epochs_run": phase2["epochs_run"]}
+    return info, hard
 
 
 def _encode_labels(labels: Any) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -147,14 +190,21 @@ def fit_head(
     val_fraction: float = 0.15,
     seed: int = 0,
     export_info: dict | None = None,
+    loss: str = "weighted_ce",
+    hard_mining: bool = False,
+    **longtail_kw: Any,
 ) -> Head:
     """Train a ``kind`` ("linear" | "mlp") head on cell embeddings [n, d] with string labels [n].
 
-    Stops when the class-weighted validation loss has not improved for ``patience`` epochs
-    and keeps the best epoch's weights. ``lr`` defaults to 1e-2 for the linear probe and
-    3e-3 for the MLP (inputs are standardized, so one default fits most encoders). Runs on
-    the CPU: heads are small.
+    Stops when the validation loss has not improved for ``patience`` epochs and keeps the
+    best epoch's weights. ``lr`` defaults to 1e-2 for the linear probe and 3e-3 for the MLP
+    (inputs are standardized, so one default fits most encoders). Runs on the CPU: heads
+    are small. ``loss`` ("weighted_ce", "ce", "gaussian_inflation"), ``hard_mining`` and
+    ``longtail_kw`` (``inflation_sigma``, ``inflation_gamma``, ``hard_margin``,
+    ``hard_weight``, ``hard_lr_scale``): see ``evaluate.longtail``. With hard mining the
+    head's ``hard_cells`` are the mined rows of ``labels``.
     """
+    longtail = LongTail(loss=loss, hard_mining=hard_mining, **longtail_kw)
     if kind not in ("linear", "mlp"):
         raise EvaluateError(f"head: {kind!r} on embeddings must be 'linear' or 'mlp' (the scbert head reads "
                             "per-gene representations: use fit_classifier)")
@@ -167,12 +217,14 @@ def fit_head(
         torch.manual_seed(seed)
         head = Head(x.shape[1], classes, kind=kind, hidden=hidden, dropout=dropout, export_info=export_info)
         head.set_standardization(x[train_idx])
-        info = _train(lambda b: head(x[b]), [{"params": head.parameters(), "lr": lr}], head.train,
-                      lambda: copy.deepcopy(head.state_dict()), head.load_state_dict, y, train_idx, val_idx,
-                      class_weights(y_all[train_idx], len(classes)), batch_size=batch_size,
-                      max_epochs=max_epochs, patience=patience, weight_decay=weight_decay, seed=seed)
+        info, hard = _train_phases(
+            lambda b: head(x[b]), [{"params": list(head.parameters()), "lr": lr}], head.train,
+            lambda: copy.deepcopy(head.state_dict()), head.load_state_dict, y, train_idx, val_idx, classes,
+            longtail, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
+            weight_decay=weight_decay, seed=seed)
     head.eval()
     head.training_info = {**info, "lr": lr}
+    head.hard_cells = hard
     return head
 
 
@@ -204,6 +256,9 @@ def fit_classifier(
     device: str | torch.device | None = None,
     batch_size: int = 512,
     cache_bytes: int = 2 << 30,
+    loss: str = "weighted_ce",
+    hard_mining: bool = False,
+    **longtail_kw: Any,
 ) -> Classifier:
     """Fine-tune a classifier on aligned raw counts [n, n_genes] (``align_to_vocab``) with labels [n].
 
@@ -216,7 +271,11 @@ def fit_classifier(
     (300 / 50), stopping ``patience`` (20 / 5) epochs after the best validation loss.
     Frozen scbert features are computed once when they fit in ``cache_bytes``.
     ``batch_size`` is the inference batch. Same seed, same classifier (on one device).
+    ``loss`` ("weighted_ce" default, "ce", "gaussian_inflation"), ``hard_mining`` and
+    ``longtail_kw`` (``inflation_sigma``, ``inflation_gamma``, ``hard_margin``,
+    ``hard_weight``, ``hard_lr_scale``): the long-tail options of ``evaluate.longtail``.
     """
+    longtail = LongTail(loss=loss, hard_mining=hard_mining, **longtail_kw)
     kind = resolve_kind(head, model.family)
     if kind not in HEAD_KINDS:
         raise EvaluateError(f"head: {head!r} is not one of {('auto', *HEAD_KINDS)}")
@@ -231,7 +290,7 @@ def fit_classifier(
     if frozen_emb:  # the cheap path: embed once, train the head on the embeddings
         emb = embed_counts(model, counts, batch_size=batch_size, device=device)
         trained = fit_head(emb, labels, kind, lr=lr, val_fraction=val_fraction, seed=seed, **head_kw,
-                           **train_kw)
+                           **train_kw, **longtail.kwargs())
         trained.fine_tuning = {"mode": "frozen", "unfreeze": None, "encoder_tensors": []}
         return Classifier(export=model, head=trained, encoder=model.module, mode="frozen")
     labels, classes, y_all = _encode_labels(labels)
@@ -268,11 +327,11 @@ def fit_classifier(
                     params[n].copy_(t)
 
         y = torch.as_tensor(y_all, dtype=torch.long, device=dev)
-        weights = class_weights(y_all[train_idx], len(classes)).to(dev)
-        info = _train(step_logits, groups, set_mode, snapshot, restore, y, train_idx, val_idx, weights,
-                      seed=seed, eval_batch_size=batch_size, **train_kw)
+        info, hard = _train_phases(step_logits, groups, set_mode, snapshot, restore, y, train_idx, val_idx,
+                                   classes, longtail, seed=seed, eval_batch_size=batch_size, **train_kw)
     clf.encoder.requires_grad_(False)
     h.training_info = {**info, "lr": lr, "encoder_lr": encoder_lr if clf.tuned else None, "mode": mode}
+    h.hard_cells = hard
     return clf
 
 
@@ -321,9 +380,11 @@ def finetune(
     ``head``: "auto" (scbert for a Performer export, linear for an MAE export), "linear",
     "mlp" or "scbert". ``mode``: "frozen" (only the head trains), "partial" (the last
     ``unfreeze`` encoder blocks too, plus a Performer's final norm) or "full". Other
-    keyword arguments go to ``fit_classifier``. With ``save_to`` the head (and the
-    fine-tuned encoder tensors) are written there: head.safetensors + head.json
-    (+ encoder.safetensors); reuse with ``annotate(..., head=save_to)``.
+    keyword arguments go to ``fit_classifier``, among them the long-tail options
+    ``loss="gaussian_inflation"`` and ``hard_mining=True`` (``evaluate.longtail``). With
+    ``save_to`` the head (and the fine-tuned encoder tensors) are written there:
+    head.safetensors + head.json (+ encoder.safetensors); reuse with
+    ``annotate(..., head=save_to)``.
     """
     model = as_export(model)
     labels, rows = labels_of(reference, label_key)
@@ -334,7 +395,13 @@ def finetune(
     if verbose:
         info = clf.head.training_info
         print(f"{clf.describe()}: {len(clf.classes)} classes, {info['n_train']} training / {info['n_val']} "
-              f"validation cells, best epoch {info['best_epoch']} of {info['epochs_run']}")
+              f"validation cells, best epoch {info['best_epoch']} of {info['epochs_run']}, "
+              f"loss {info['loss']}")
+        if "hard_mining" in info:
+            hm = info["hard_mining"]
+            print(f"hard mining: {hm['n_hard']} hard training cells weighted "
+                  f"{info['longtail']['hard_weight']}x; second phase best epoch {hm['best_epoch']} of "
+                  f"{hm['epochs_run']}")
     if save_to is not None:
         clf.save(save_to)
         if verbose:

@@ -73,6 +73,8 @@ class Head(nn.Module):
         self.training_info: dict[str, Any] = {}
         # how the encoder was treated (mode, unfrozen tensors); filled in by evaluate.classifier
         self.fine_tuning: dict[str, Any] = {"mode": "frozen"}
+        # rows of the training labels that hard mining picked (evaluate.longtail); not saved
+        self.hard_cells: np.ndarray | None = None
         n = len(self.classes)
         if kind == "scbert":
             self.net = ScBertNet(self.seq_len, self.in_dim, n, self.dropout)

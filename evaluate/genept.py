@@ -1,0 +1,194 @@
+"""GenePT-w: a training-free cell embedding from per-gene embeddings (Chen & Zou, GenePT).
+
+For cell ``i`` with expression weights ``w_ig`` over the genes ``g`` that have an
+embedding ``v_g`` (rows of an external file, e.g. text embeddings of gene summaries)::
+
+    e_i = sum_g w_ig v_g / sum_g w_ig            (the expression-weighted average)
+    X_genept[i] = e_i / ||e_i||_2                (L2-normalized; a cell with no weight stays 0)
+
+``weights``: ``"log1p"`` (default) = log1p(counts / total * 1e4) with ``total`` the cell's
+counts over *all* its genes (scanpy's normalize_total + log1p), ``"normalized"`` = counts /
+total * 1e4, ``"counts"`` = the raw counts. The file's genes are matched to the data's by
+stable id (Ensembl versions ignored) or symbol, from ``var_names`` or a gene-id / symbol
+column of ``var`` (whichever matches more, as ``evaluate.align`` does for exports); query
+genes without an embedding are left out of the average.
+
+No model and no export: it is a baseline a pretrained encoder should beat, and kNN on it
+annotates a query (:func:`genept_annotate`, ``python -m evaluate genept``).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from evaluate.align import align_to_vocab, count_source, strip_version
+from evaluate.errors import EvaluateError
+from evaluate.vectors import read_vectors
+
+WEIGHTS = ("log1p", "normalized", "counts")
+_ENSEMBL = re.compile(r"^ENS[A-Z]*\d{6,}(\.\d+)?$")
+EMBEDDING_KEY = "X_genept"
+
+
+@dataclass
+class GeneVectors:
+    """Per-gene embeddings: ``names`` (ids or symbols) and ``vectors`` float32 [n_genes, width];
+    ``symbols``, when given, pairs each name (then a gene id) with its symbol for matching."""
+
+    names: list[str]
+    vectors: np.ndarray
+    source: str = "<memory>"
+    symbols: list[str] | None = None
+
+    def vocab(self) -> list[tuple[str, str]]:
+        """(gene id, symbol) per row, as ``evaluate.align`` matches them."""
+        if self.symbols is not None:
+            return [(strip_version(n), s) for n, s in zip(self.names, self.symbols)]
+        # Ensembl-looking names match as ids (versions ignored), everything else as symbols
+        return [(strip_version(n), n) if _ENSEMBL.match(n) else ("", n) for n in self.names]
+
+    @classmethod
+    def load(cls, path: str | Path, names_file: str | Path | None = None) -> "GeneVectors":
+        """From a text table, a .npy + gene list or a JSON object (see ``evaluate.vectors``)."""
+        names, mat = read_vectors(path, names_file)
+        return cls(names, mat, str(path))
+
+    @property
+    def width(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def export_gene_vectors(model: Any) -> GeneVectors:
+    """A Performer export's gene identity vectors (after its learned projection, if any), named by gene id:
+    the pretrained model's own per-gene embeddings as a GenePT-w table."""
+    import torch
+
+    if model.family != "performer":
+        raise EvaluateError(f"{model.path}: a {model.family} export has no per-gene identity embedding; "
+                            "only a performer export does")
+    with torch.no_grad():
+        table = model.module.gene_identity()[:-1].float().cpu().numpy()  # the appended pad row dropped
+    return GeneVectors(model.gene_ids, table, f"{model.path} (gene identity embedding)",
+                       symbols=model.symbols)
+
+
+def as_gene_vectors(genes: GeneVectors | str | Path) -> GeneVectors:
+    return genes if isinstance(genes, GeneVectors) else GeneVectors.load(genes)
+
+
+def expression_weights(counts: sp.csr_matrix, totals: np.ndarray, weights: str = "log1p") -> sp.csr_matrix:
+    """The weights ``w_ig`` (float64 CSR, the pattern of ``counts``); ``totals``: each cell's total counts."""
+    if weights not in WEIGHTS:
+        raise EvaluateError(f"GenePT-w: weights {weights!r} is not one of {WEIGHTS}")
+    w = sp.csr_matrix(counts, dtype=np.float64, copy=True)
+    if weights == "counts":
+        return w
+    scale = np.divide(1e4, totals, out=np.zeros(len(totals), np.float64), where=totals > 0)
+    w = sp.csr_matrix(sp.diags(scale) @ w)
+    if weights == "log1p":
+        w.data = np.log1p(w.data)
+    return w
+
+
+def genept_w(
+    adata: Any,
+    genes: GeneVectors | str | Path,
+    weights: str = "log1p",
+    layer: str | None = None,
+    min_coverage: float = 0.1,
+    name: str = "adata",
+    verbose: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """GenePT-w embeddings [n_obs, width] (float32) of ``adata``'s raw counts, and a coverage record.
+
+    ``min_coverage``: refuse when fewer than this fraction of the data's genes have an embedding.
+    """
+    genes = as_gene_vectors(genes)
+    x, var_names, _, _ = count_source(adata, layer, name)
+    counts, cov = align_to_vocab(adata, genes.vocab(), min_coverage=0.0, layer=layer, name=name,
+                                 verbose=False)
+    n_query = len(var_names)
+    frac = cov.n_matched / max(n_query, 1)
+    info = {"gene_embeddings": genes.source, "n_query_genes": n_query, "n_matched": cov.n_matched,
+            "fraction_of_query_genes": frac, "matched_by": cov.matched_by, "source": cov.source,
+            "weights": weights, "width": genes.width}
+    if verbose:
+        print(f"{name}: GenePT-w: {cov.n_matched:,} of the data's {n_query:,} genes ({frac:.1%}) have an "
+              f"embedding in {genes.source} (matched by {cov.matched_by} in {cov.source}), "
+              f"width {genes.width}")
+    if cov.n_matched == 0 or frac < min_coverage:
+        raise EvaluateError(
+            f"{name}: only {cov.n_matched} of its {n_query} genes ({frac:.1%}) have an embedding in "
+            f"{genes.source} (min_coverage {min_coverage:.0%}); use a gene embedding file of the same "
+            "species and naming (Ensembl ids or symbols in var_names or var['gene_ids'] / "
+            "var['gene_symbols'])")
+    totals = np.asarray(sp.csr_matrix(x).sum(axis=1), dtype=np.float64).ravel()
+    w = expression_weights(counts, totals, weights)
+    denom = np.asarray(w.sum(axis=1)).ravel()
+    emb = np.asarray(w @ genes.vectors.astype(np.float64))
+    emb = np.divide(emb, denom[:, None], out=np.zeros_like(emb), where=denom[:, None] > 0)
+    norm = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb = np.divide(emb, norm, out=np.zeros_like(emb), where=norm > 0)
+    n_empty = int((norm.ravel() == 0).sum())
+    info["n_cells_without_weight"] = n_empty
+    if n_empty:
+        warnings.warn(f"{name}: {n_empty} cell(s) express none of the genes with an embedding; their "
+                      "GenePT-w embedding is all zeros", stacklevel=2)
+    return emb.astype(np.float32), info
+
+
+def genept_embed(adata: Any, genes: GeneVectors | str | Path, weights: str = "log1p",
+                 layer: str | None = None, min_coverage: float = 0.1, verbose: bool = True) -> Any:
+    """Write ``adata.obsm["X_genept"]`` (see :func:`genept_w`); returns ``adata``."""
+    emb, info = genept_w(adata, genes, weights=weights, layer=layer, min_coverage=min_coverage,
+                         verbose=verbose)
+    adata.obsm[EMBEDDING_KEY] = emb
+    adata.uns["evaluate"] = {"method": "genept_w", **info}
+    return adata
+
+
+def genept_annotate(
+    adata: Any,
+    reference: Any,
+    genes: GeneVectors | str | Path,
+    label_key: str = "cell_type",
+    *,
+    k: int = 5,
+    threshold: float = 0.5,
+    max_distance: float | str | None = "auto",
+    weights: str = "log1p",
+    layer: str | None = None,
+    reference_layer: str | None = None,
+    min_coverage: float = 0.1,
+    verbose: bool = True,
+) -> Any:
+    """Label ``adata`` by kNN (cosine, ``k`` neighbours) on GenePT-w embeddings of it and ``reference``.
+
+    Writes ``obs["predicted_<label_key>"]`` ("Unassigned" below ``threshold`` of the votes or
+    when the neighbours are farther than ``max_distance``, as ``annotate(head="knn")``),
+    ``obs["predicted_<label_key>_probability"]`` and ``obsm["X_genept"]``; returns ``adata``.
+    """
+    from evaluate.annotate import UNASSIGNED, _write, assign, knn_proba
+    from evaluate.finetune import labels_of
+
+    genes = as_gene_vectors(genes)
+    labels, rows = labels_of(reference, label_key)
+    kw = dict(weights=weights, min_coverage=min_coverage, verbose=verbose)
+    query_emb, info = genept_w(adata, genes, layer=layer, name="query", **kw)
+    ref_emb, _ = genept_w(reference, genes, layer=reference_layer, name="reference", **kw)
+    proba, classes = knn_proba(ref_emb[rows], labels, query_emb, k=k, max_distance=max_distance)
+    pred, prob = assign(proba, classes, threshold)
+    _write(adata, label_key, pred, prob, classes)
+    adata.obsm[EMBEDDING_KEY] = query_emb
+    adata.uns["evaluate"] = {"method": "genept_w", "head": "knn", "k": k, "threshold": threshold, **info}
+    if verbose:
+        n_un = int((pred == UNASSIGNED).sum())
+        print(f"annotated {len(pred):,} cells into {len(classes)} classes with kNN (k={k}) on GenePT-w; "
+              f"{n_un:,} Unassigned (vote fraction < {threshold})")
+    return adata
