@@ -13,13 +13,13 @@ and dropout are seeded from (seed, rank, step), so no per-rank RNG state is need
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from sharding.manifest import write_atomic
 from train import faults
 
 MARKER = "COMMITTED"
@@ -39,17 +39,7 @@ def _all_ok(ok: bool) -> bool:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, text.encode())  # temp file + fsync + rename + fsync of the directory
 
 
 def tag_of(step: int) -> str:
