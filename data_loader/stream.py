@@ -53,13 +53,14 @@ class CorpusDataset(IterableDataset):
     def _read_window(self, order: EpochOrder, pos: np.ndarray) -> Block:
         shard, row = order.locate(pos)
         key = np.lexsort((row, shard))
+        shard_s, row_s = shard[key], row[key]  # sorted once; each shard is one contiguous slice
         pieces = []
         if isinstance(self.reader, SomaReader):  # one query for the whole window
-            pieces.append(self.reader.read_rows(self.reader.offsets[shard[key]] + row[key]))
+            pieces.append(self.reader.read_rows(self.reader.offsets[shard_s] + row_s))
         else:
-            for s in np.unique(shard):
-                rows = row[key][shard[key] == s]
-                pieces += self.reader.read_runs(int(s), consecutive_runs(rows))
+            shards, starts = np.unique(shard_s, return_index=True)
+            for s, a, b in zip(shards, starts, [*starts[1:], len(shard_s)]):
+                pieces += self.reader.read_runs(int(s), consecutive_runs(row_s[a:b]))
         sorted_block = concat_blocks(pieces)
         inv = np.empty(len(key), dtype=np.int64)
         inv[key] = np.arange(len(key))
