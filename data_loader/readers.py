@@ -29,15 +29,25 @@ class Block:
 
 
 def concat_blocks(blocks: list[Block]) -> Block:
-    offs = np.cumsum([0] + [b.indptr[-1] for b in blocks])
+    """Rows of ``blocks`` one after the other; dtypes are promoted, never narrowed."""
+    if not blocks:
+        return Block(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
+                     np.zeros(0, np.int64), {})
+    if len(blocks) == 1:
+        return blocks[0]
+    offs = np.cumsum([0] + [b.indptr[-1] - b.indptr[0] for b in blocks])
     indptr = np.concatenate([[0]] + [b.indptr[1:] - b.indptr[0] + o for b, o in zip(blocks, offs[:-1])])
     return Block(
         indptr.astype(np.int64),
-        np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False),
-        np.concatenate([b.data for b in blocks]).astype(np.float32, copy=False),
+        np.concatenate([b.indices for b in blocks]),
+        np.concatenate([b.data for b in blocks]),
         np.concatenate([b.cell_id for b in blocks]),
-        {k: np.concatenate([b.obs[k] for b in blocks]) for k in (blocks[0].obs if blocks else {})},
+        {k: np.concatenate([b.obs[k] for b in blocks]) for k in blocks[0].obs},
     )
+
+
+class _NoFastPath(Exception):
+    """A shard whose layout the direct chunk decoder does not handle (zarr-python reads it instead)."""
 
 
 def _gather_py(indptr, indices, data, order, out_ptr, out_idx, out_dat):  # pragma: no cover - numba target
@@ -55,6 +65,22 @@ try:  # one pass over the non-zeros instead of numpy's repeat/arange/gather chai
     _gather = numba.njit(cache=True, nogil=True)(_gather_py)
 except ImportError:  # pragma: no cover
     _gather = None
+
+
+def _gather_window_py(order, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, lo, hi):  # pragma: no cover
+    for i in range(lo, hi):
+        j = order[i]
+        s = src_off[j]
+        o = out_ptr[i]
+        for k in range(src_len[j]):
+            out_idx[o + k] = idx_buf[s + k]
+            out_dat[o + k] = dat_buf[s + k]
+
+
+if _gather is not None:
+    _gather_window = numba.njit(cache=True, nogil=True)(_gather_window_py)
+else:  # pragma: no cover
+    _gather_window = _gather_window_py
 
 
 def take_rows(block: Block, order: np.ndarray) -> Block:
@@ -142,10 +168,7 @@ class ZarrReader:
 
         from data_loader.zarr_chunks import ChunkedArray
 
-        if self._pool is None and self.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(self.threads)
+        self._executor()
         path = self.paths[shard]
         g = zarr.open_group(str(path), mode="r")
         arrs = {"indptr": np.asarray(ChunkedArray(path / "X" / "indptr")[:], dtype=np.int64),
@@ -157,6 +180,104 @@ class ZarrReader:
         while len(self._open) > self.cache_shards:
             self._open.pop(next(iter(self._open)))
         return arrs
+
+    def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
+        """Cells ``(shard[j], row[j])``, given sorted by (shard, row), returned as rows ``order``.
+
+        The fast path of the loader, with no per-cell Python: every chunk of ``indices``/``data``
+        that the window touches is decoded once, by the thread pool, straight into one buffer per
+        array (consecutive chunks of a shard side by side, so a row never needs stitching); one
+        numba pass then copies each row from there into its place in the mixed window. That is
+        one decode and one copy per non-zero; the batches are views of the result.
+        """
+        try:
+            return self._read_window_direct(np.asarray(shard, dtype=np.int64), np.asarray(row, dtype=np.int64),
+                                            np.asarray(order, dtype=np.int64))
+        except _NoFastPath:  # a store layout the direct decoder does not handle: zarr-python reads it
+            shards, first = np.unique(shard, return_index=True)
+            pieces = []
+            for s, a, b in zip(shards, first, [*first[1:], len(shard)]):
+                pieces += self.read_runs(int(s), consecutive_runs(np.asarray(row[a:b])))
+            return take_rows(concat_blocks(pieces), order)
+
+    def _read_window_direct(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
+        n = len(row)
+        shards, first = np.unique(shard, return_index=True)
+        bounds = [*first[1:], n]
+        src_off = np.zeros(n, dtype=np.int64)
+        src_len = np.zeros(n, dtype=np.int64)
+        cell_id = np.empty(n, dtype=np.int64)
+        obs_parts: dict[str, list[np.ndarray]] = {c: [] for c in self.obs_columns}
+        tasks: list[tuple] = []  # (ChunkedArray pair, chunk id, slot)
+        slot = 0
+        arrays = []
+        for s, a, b in zip(shards, first, bounds):
+            sh = self._shard(int(s))
+            rows = row[a:b] if self.rows is None else self.rows[int(s)][row[a:b]].astype(np.int64)
+            ptr = sh["indptr"]
+            idx_arr, dat_arr = sh["indices"], sh["data"]
+            arrays.append((idx_arr, dat_arr))
+            C = idx_arr.chunk if idx_arr.direct else 0
+            if not (idx_arr.direct and dat_arr.direct and dat_arr.chunk == C):
+                raise _NoFastPath
+            starts, ends = ptr[rows], ptr[rows + 1]
+            ln = ends - starts
+            nonempty = ln > 0
+            c0 = starts // C
+            c1 = np.where(nonempty, (ends - 1) // C, c0)
+            n_chunks = -(-int(ptr[-1]) // C)
+            mark = (np.bincount(c0[nonempty], minlength=n_chunks + 1)
+                    - np.bincount(c1[nonempty] + 1, minlength=n_chunks + 1))
+            need = np.flatnonzero(np.cumsum(mark)[:n_chunks] > 0)
+            slot_of = np.zeros(n_chunks + 1, dtype=np.int64)
+            slot_of[need] = slot + np.arange(len(need))
+            src_off[a:b] = np.where(nonempty, slot_of[np.minimum(c0, n_chunks)] * C + (starts - c0 * C), 0)
+            src_len[a:b] = ln
+            tasks += [(len(arrays) - 1, int(c), slot + k) for k, c in enumerate(need)]
+            slot += len(need)
+            cell_id[a:b] = sh["cell_id"][rows]
+            for c in self.obs_columns:
+                obs_parts[c].append(sh["obs"][c][rows])
+        C = arrays[0][0].chunk if arrays else 1
+        idx_dtype = np.result_type(*[i.dtype for i, _ in arrays]) if arrays else np.dtype(np.int32)
+        dat_dtype = np.result_type(*[d.dtype for _, d in arrays]) if arrays else np.dtype(np.float32)
+        idx_buf = np.empty(slot * C, dtype=idx_dtype)
+        dat_buf = np.empty(slot * C, dtype=dat_dtype)
+
+        def decode(part: list[tuple]) -> None:
+            for k, c, sl in part:
+                idx_arr, dat_arr = arrays[k]
+                idx_arr.decode_into(c, idx_buf[sl * C:(sl + 1) * C])
+                dat_arr.decode_into(c, dat_buf[sl * C:(sl + 1) * C])
+
+        out_len = src_len[order]
+        out_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(out_len, out=out_ptr[1:])
+        out_idx = np.empty(int(out_ptr[-1]), dtype=idx_dtype)
+        out_dat = np.empty(int(out_ptr[-1]), dtype=dat_dtype)
+
+        def gather(lo_hi: tuple[int, int]) -> None:
+            _gather_window(order, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, *lo_hi)
+
+        pool = self._executor()
+        parts = max(1, self.threads)
+        if pool is not None and len(tasks) > 1:
+            list(pool.map(decode, [tasks[i::parts] for i in range(parts)]))
+            cut = np.searchsorted(out_ptr, np.linspace(0, out_ptr[-1], parts + 1)).clip(0, n)
+            cut[0], cut[-1] = 0, n
+            list(pool.map(gather, list(zip(cut[:-1].tolist(), cut[1:].tolist()))))
+        else:
+            decode(tasks)
+            gather((0, n))
+        obs = {c: np.concatenate(v)[order] if v else np.zeros(0, dtype=object) for c, v in obs_parts.items()}
+        return Block(out_ptr, out_idx, out_dat, cell_id[order], obs)
+
+    def _executor(self):
+        if self._pool is None and self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads)
+        return self._pool
 
     def read_runs(self, shard: int, runs: list[tuple[int, int]]) -> list[Block]:
         """Several row ranges of one shard; every compressed chunk is decoded once."""
@@ -231,6 +352,10 @@ class SomaReader:
 
     def read(self, shard: int, start: int, stop: int) -> Block:
         return self.read_rows(self.offsets[shard] + np.arange(start, stop))
+
+    def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
+        """Cells ``(shard[j], row[j])``, sorted by (shard, row), returned as rows ``order``."""
+        return self.read_rows((self.offsets[shard] + row)[order])
 
     def read_rows(self, rows: np.ndarray) -> Block:
         """Rows (local indices, any order) -> Block in that order."""

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.readers import (Block, SomaReader, ZarrReader, concat_blocks, consecutive_runs, slice_rows,
-                                 take_rows)
+from data_loader.readers import Block, SomaReader, ZarrReader, slice_rows
 from sharding.manifest import read_manifest
 from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
                            consumed_per_stream, resume_state, segment_length, stream_batches)
@@ -52,19 +51,10 @@ class CorpusDataset(IterableDataset):
 
     def _read_window(self, order: EpochOrder, pos: np.ndarray) -> Block:
         shard, row = order.locate(pos)
-        key = np.lexsort((row, shard))
-        shard_s, row_s = shard[key], row[key]  # sorted once; each shard is one contiguous slice
-        pieces = []
-        if isinstance(self.reader, SomaReader):  # one query for the whole window
-            pieces.append(self.reader.read_rows(self.reader.offsets[shard_s] + row_s))
-        else:
-            shards, starts = np.unique(shard_s, return_index=True)
-            for s, a, b in zip(shards, starts, [*starts[1:], len(shard_s)]):
-                pieces += self.reader.read_runs(int(s), consecutive_runs(row_s[a:b]))
-        sorted_block = concat_blocks(pieces)
+        key = np.lexsort((row, shard))  # readers get the window sorted by (shard, row) ...
         inv = np.empty(len(key), dtype=np.int64)
         inv[key] = np.arange(len(key))
-        return take_rows(sorted_block, inv)  # back to the window's mixed order
+        return self.reader.read_window(shard[key], row[key], inv)  # ... and return it in mixed order
 
     def _windows(self, state: StreamState, layout: Layout, worker: int) -> Iterator[tuple[Block, list]]:
         order = EpochOrder(self.table, state.seed, state.epoch)

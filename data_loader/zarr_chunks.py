@@ -73,6 +73,30 @@ class ChunkedArray:
         buf = self.comp.decode(raw) if self.comp is not None else raw
         return np.frombuffer(buf, dtype=self.dtype, count=n)
 
+    @property
+    def direct(self) -> bool:
+        """True when chunks can be decoded straight into a caller's buffer (``decode_into``)."""
+        return self._fallback is None
+
+    def decode_into(self, i: int, out: np.ndarray) -> None:
+        """Decode chunk ``i`` into ``out`` (``self.chunk`` values of any dtype; cast when it differs).
+
+        Every stored chunk holds a full chunk of values (zarr pads edge chunks), so a decode of the
+        store's own dtype lands in ``out`` with no copy; an absent chunk is the fill value.
+        """
+        f = self.path / f"c{self.sep}{i}"
+        try:
+            raw = f.read_bytes()
+        except FileNotFoundError:
+            out[:] = self.fill
+            return
+        if out.dtype == self.dtype and self.comp is not None:
+            self.comp.decode(raw, out=out)
+        elif self.comp is not None:
+            out[:] = np.frombuffer(self.comp.decode(raw), dtype=self.dtype, count=self.chunk)
+        else:
+            out[:] = np.frombuffer(raw, dtype=self.dtype, count=self.chunk)
+
     def chunks(self, ids: list[int]) -> dict[int, np.ndarray]:
         if self.pool is not None and len(ids) > 1:
             return dict(zip(ids, self.pool.map(self._chunk, ids)))
