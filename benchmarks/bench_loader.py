@@ -288,16 +288,16 @@ def _stamp_ok(stamp: Path, wanted: dict) -> bool:
 
 
 def build_corpus(source: str, out: Path, *, fmt: str, jobs: int, timeout: float, skip_build: bool,
-                 params: dict) -> dict:
+                 params: dict, extra: list[str] = ()) -> dict:
     """Our corpus via the real CLI; reused when built from the same inputs. Returns build info."""
     stamp = out.with_name(out.name + ".json")
-    wanted = {"source": params, "format": fmt}
+    wanted = {"source": params, "format": fmt, **({"options": list(extra)} if extra else {})}
     if (out / "manifest.json").exists() and _stamp_ok(stamp, wanted):
         return json.loads(stamp.read_text())
     if skip_build:
         raise FileNotFoundError(f"{out}: no corpus built from these parameters (run without --skip-build)")
     cmd = [PROJECT_PY, "-m", "sharding", "build", "--source", source, "--out", str(out), "--format", fmt,
-           "--jobs", str(jobs), "--no-progress"]
+           "--jobs", str(jobs), "--no-progress", *extra]
     if (out / "manifest.json").exists():
         cmd.append("--overwrite")  # built from other inputs: rebuild
     log(f"building our corpus: {' '.join(cmd[2:])}")
@@ -519,6 +519,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--soma-ml-workers", default="0,2", help="workers for tiledbsoma-ml (default 0,2)")
     p.add_argument("--ours-opts", default="",
                    help="extra StreamingLoader kwargs, e.g. block_size=512,window_batches=16")
+    p.add_argument("--build-opts", default="",
+                   help="extra `sharding build` options for our corpus, e.g. '--codec blosc-lz4' (part of its stamp)")
+    p.add_argument("--corpus-name", default="corpus", help="folder under OUT/stores for our corpus (default corpus)")
     p.add_argument("--jobs", type=int, default=2, help="processes for data generation and store builds")
     p.add_argument("--timeout", type=float, default=900, help="seconds per loader run before it is killed")
     p.add_argument("--stall", type=float, default=180,
@@ -596,7 +599,8 @@ def main(argv=None) -> int:
     quality = Quality(src["type_counts"], seed=a.seed)
 
     # 2. plan the runs; what they need decides which venvs and stores are made
-    corpus, ab_store, soma_uri = stores / "corpus", stores / "annbatch.zarr", stores / "corpus" / "soma"
+    corpus, ab_store = stores / a.corpus_name, stores / "annbatch.zarr"
+    soma_uri = corpus / "soma"
     lab_dir = out / "labels"
     lab_dir.mkdir(exist_ok=True)
     lab_h5ad, lab_corpus, lab_soma = (lab_dir / "h5ad_rows.npy", lab_dir / "corpus_cell_id.npy",
@@ -671,7 +675,7 @@ def main(argv=None) -> int:
     if uses_corpus:
         try:
             binfo = build_corpus(str(h5ad), corpus, fmt="both", jobs=a.jobs, timeout=a.build_timeout,
-                                 skip_build=a.skip_build, params=src["params"])
+                                 skip_build=a.skip_build, params=src["params"], extra=a.build_opts.split())
             builds["our corpus (sharding build --format both)"] = {
                 "seconds": binfo["seconds"], "cells": binfo["n_cells"], "peak_tree_mb": binfo["peak_tree_mb"],
                 "bytes": binfo["bytes"], "status": "ok"}

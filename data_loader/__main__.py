@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--world-size", type=int, default=1)
     t.add_argument("--workers", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--block-size", type=int, default=256)
+    t.add_argument("--block-size", type=int, default=None,
+                   help="rows per I/O block (default: the loader's, 1,024 on a pre-shuffled corpus)")
     t.add_argument("--window-batches", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epoch", type=int, default=0)

@@ -7,8 +7,7 @@ The stream state is global (``state_dict()`` is identical on every rank): save i
 """
 from __future__ import annotations
 
-import queue
-import threading
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,70 +55,72 @@ class CorpusDataset(IterableDataset):
         inv[key] = np.arange(len(key))
         return self.reader.read_window(shard[key], row[key], inv)  # ... and return it in mixed order
 
-    def _windows(self, state: StreamState, layout: Layout, worker: int) -> Iterator[tuple[Block, list]]:
+    def _windows(self, state: StreamState, layout: Layout, worker: int) -> Iterator[tuple]:
+        """(read the next window, its batch cuts), lazily: the reads run where the caller wants."""
         order = EpochOrder(self.table, state.seed, state.epoch)
         skip = 0
         if state.layout == layout and state.batches:
             skip = consumed_per_stream(state.batches, layout)[worker]
         for pos, cuts in stream_batches(state, self.n_cells, layout, self.rank, worker, skip=skip):
-            yield self._read_window(order, pos), cuts
+            yield functools.partial(self._read_window, order, pos), cuts
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, k = (info.id, info.num_workers) if info else (0, 0)
         state = self.state if self._iters == 0 else StreamState(self.state.seed, self.state.epoch + self._iters)
         self._iters += 1
-        source = self._windows(state, self.layout(k), worker)
+        tasks = self._windows(state, self.layout(k), worker)
         if self.read_ahead > 0:
-            source = _prefetch(source, self.read_ahead)
+            source = _prefetch(tasks, self.read_ahead)
+        else:
+            source = ((read(), cuts) for read, cuts in tasks)
         for block, cuts in source:
             for lo, hi in cuts:
                 yield _to_batch(slice_rows(block, lo, hi), state.epoch)
 
 
-def _prefetch(it: Iterator, depth: int) -> Iterator:
-    """Run ``it`` in a background thread, ``depth`` items ahead (zarr/numcodecs release the GIL).
+def _prefetch(tasks: Iterator[tuple], depth: int, threads: int = 2) -> Iterator[tuple]:
+    """Run ``(read, cuts)`` tasks ``depth`` ahead on ``threads`` threads; results in task order.
 
-    Leaving the loop early (break, exception, garbage collection) stops the producer and joins it,
-    so no thread is left inside a reader at interpreter exit.
+    Two windows in flight keep both cores busy: one window's single-threaded planning and its
+    stragglers overlap with the other's decode and copy (the readers release the GIL). Leaving
+    the loop early (break, exception, garbage collection) cancels what has not started and joins
+    what has, so no thread is left inside a reader at interpreter exit.
     """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in it:
-                if not put(item):
-                    return
-            put(done)
-        except BaseException as e:  # hand the error to the consumer
-            put(e)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
+    pool = ThreadPoolExecutor(max(1, min(threads, depth)), thread_name_prefix="loader-read-ahead")
+    pending: deque = deque()
     try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for read, cuts in tasks:
+            pending.append((pool.submit(read), cuts))
+            if len(pending) > depth:
+                fut, c = pending.popleft()
+                yield fut.result(), c
+        while pending:
+            fut, c = pending.popleft()
+            yield fut.result(), c
     finally:
-        stop.set()
-        while t.is_alive():  # unblock a producer waiting on a full queue, then wait for it
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            t.join(timeout=0.05)
+        for fut, _ in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+PRESHUFFLED_BLOCK = 1024
+UNSHUFFLED_BLOCK = 256
+
+
+def auto_block_size(preshuffled: bool) -> int:
+    """Rows per I/O block when none is given.
+
+    A corpus built by ``python -m sharding build`` (its Zarr shards or its SOMA experiment) holds its
+    cells globally pre-shuffled, so a block of neighbours is already a random sample: large blocks
+    (1,024 rows) cost no batch diversity and waste less of each decoded chunk (+10% cells/s over 256,
+    BENCHMARKS.md). Another SOMA experiment (``soma_uri``: a Census slice, say) is usually sorted by
+    dataset or cell type: 256-row blocks give a 32k-cell window 128 blocks to mix.
+    """
+    return PRESHUFFLED_BLOCK if preshuffled else UNSHUFFLED_BLOCK
 
 
 class StreamingLoader:
@@ -132,7 +133,8 @@ class StreamingLoader:
         seed: must be equal on every rank.
         rank, world_size: default to torch.distributed's when initialised, else 0 and 1.
         num_workers: DataLoader worker processes (0 = read in this process with a read-ahead thread).
-        block_size: rows per I/O block; window_batches: batches mixed together per window.
+        block_size: rows per I/O block (None: ``auto_block_size``); window_batches: batches mixed
+            together per window (``batch_size * window_batches`` cells are read and shuffled at once).
         obs_columns: obs columns to return with each batch (``cell_id`` always comes).
         split: stream only cells of this ``split`` ("train" by default; None = all) when the corpus
             was built with ``--holdout``; held-out cells are never trained on.
@@ -142,7 +144,7 @@ class StreamingLoader:
 
     def __init__(self, corpus: str | Path, backend: str = "zarr", batch_size: int = 64, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-                 block_size: int = 256, window_batches: int = 8, obs_columns: list[str] | tuple = (),
+                 block_size: int | None = None, window_batches: int = 8, obs_columns: list[str] | tuple = (),
                  persistent_workers: bool = False, pin_memory: bool | None = None, read_ahead: int = 2,
                  soma_uri: str | None = None, soma_filter: str | None = None, census_organism: str | None = None,
                  split: str | None = "train"):
@@ -157,7 +159,10 @@ class StreamingLoader:
         self.split = split if self.manifest.get("splits") else None
         self.reader = self._build_reader(backend, list(obs_columns), soma_uri, soma_filter, census_organism)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.batch_size, self.block_size, self.window_batches = batch_size, block_size, window_batches
+        self._block_explicit = block_size is not None
+        self.block_size = block_size if block_size is not None else auto_block_size(
+            preshuffled=soma_uri is None)
+        self.batch_size, self.window_batches = batch_size, window_batches
         self.persistent_workers = persistent_workers and num_workers > 0
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.read_ahead = read_ahead
@@ -236,13 +241,21 @@ class StreamingLoader:
 
     def state_dict(self) -> dict:
         """The global stream cursor (same on every rank); JSON-serialisable."""
-        return self._state.to_dict()
+        return {**self._state.to_dict(), "block_size": self.block_size}
 
     def load_state_dict(self, d: dict) -> None:
         """Continue exactly after the cells the saved topology consumed.
 
         Same topology: the identical batch sequence continues (resume equivalence). Another world
-        size, worker count or batch size: exactly the cells not yet seen, re-dealt.
+        size, worker count or batch size: exactly the cells not yet seen, re-dealt. The block size
+        defines the epoch's order, so a saved one is adopted (an explicitly different one is refused).
         """
+        saved = d.get("block_size")
+        if saved is not None and int(saved) != self.block_size:
+            if self._block_explicit:
+                raise ValueError(f"stream state: saved with block_size={saved}, this loader has block_size="
+                                 f"{self.block_size}; the saved position only exists in the saved block order: "
+                                 f"resume with block_size={saved} (data.block_size={saved}) or leave it unset")
+            self.block_size = int(saved)
         self._state = StreamState.from_dict(d)
         self._loader = None

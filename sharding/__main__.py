@@ -47,9 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--holdout", metavar="COL=VAL[,VAL] | COL:FRACTION",
                    help="mark cells split=holdout: those with the listed values, or about FRACTION of the "
                         "column's distinct values, chosen by a seeded hash (e.g. donor_id:0.1)")
-    # blosc-zstd (byte shuffle): 1/3 smaller than plain zstd and faster to decode in the loader, where
-    # blosc releases the GIL so chunks decode in parallel (BENCHMARKS.md, loader)
-    b.add_argument("--codec", default="blosc-zstd", choices=("zstd", "lz4", "blosc-zstd"))
+    # blosc-lz4 (byte shuffle) over uint16 arrays: about 2x the loader's cells/s of blosc-zstd for 1/3 more
+    # bytes on disk; blosc releases the GIL so chunks decode in parallel (BENCHMARKS.md, loader)
+    b.add_argument("--codec", default="blosc-lz4", choices=("zstd", "lz4", "blosc-zstd", "blosc-lz4"),
+                   help="X codec: blosc-lz4 (default, fastest to stream), blosc-zstd (smallest), zstd, lz4")
+    b.add_argument("--x-dtype", default="auto", choices=("auto", "float32"),
+                   help="stored X dtypes: auto = uint16 gene indices (<= 65,536 genes) and uint16 counts when all "
+                        "are integers <= 65,535 (else float32); float32 = int32 indices + float32 counts")
     b.add_argument("--allow-non-integer", action="store_true", help="accept non-integer (normalized) values")
     b.add_argument("--census-uri", metavar="URI",
                    help="a local or remote copy of the Census (default: the hosted Census, needs network)")
@@ -79,7 +83,8 @@ def _build(args: argparse.Namespace) -> int:
         sources=args.source, out=args.out, vocab=args.vocab, format=args.format,
         cells_per_shard=args.cells_per_shard, keep_obs=[c for c in args.keep_obs.split(",") if c],
         label_key=args.label_key, dataset_key=args.dataset_key, matrix=args.matrix, min_genes=args.min_genes,
-        holdout=args.holdout, codec=args.codec, seed=args.seed, min_coverage=args.min_coverage,
+        holdout=args.holdout, codec=args.codec, x_dtype=args.x_dtype, seed=args.seed,
+        min_coverage=args.min_coverage,
         allow_non_integer=args.allow_non_integer, overwrite=args.overwrite, census_uri=args.census_uri,
         census_version=args.census_version, census_filter=args.census_filter, jobs=args.jobs,
         progress=False if args.no_progress else None)

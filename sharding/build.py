@@ -67,7 +67,8 @@ class BuildConfig:
     matrix: str | None = None
     min_genes: int = 1
     holdout: str | None = None
-    codec: str = "blosc-zstd"
+    codec: str = "blosc-lz4"
+    x_dtype: str = "auto"
     seed: int = 0
     min_coverage: float = 0.5
     allow_non_integer: bool = False
@@ -139,6 +140,8 @@ def _check_config(cfg: BuildConfig) -> None:
     if not 0.0 <= cfg.min_coverage <= 1.0:
         raise InputError(f"--min-coverage {cfg.min_coverage}: must be between 0 and 1")
     zarr_store.make_codec(cfg.codec)
+    if cfg.x_dtype not in zarr_store.X_DTYPES:
+        raise InputError(f"--x-dtype {cfg.x_dtype!r}: expected one of {', '.join(zarr_store.X_DTYPES)}")
     parse_matrix(cfg.matrix)
     parse_holdout(cfg.holdout)
 
@@ -323,6 +326,7 @@ class _Pass2:
     out: Path
     seed: int
     codec: str
+    x_dtype: str
     format: str
     n_shards: int
     n_genes: int
@@ -342,7 +346,8 @@ def _pass2(state: dict[str, Any], cfg: BuildConfig, vocab: Vocab, string_cols: l
     build_dir = out / ".build"
     (build_dir / "done").mkdir(parents=True, exist_ok=True)
     n_shards = state["n_shards"]
-    job = _Pass2(out=out, seed=cfg.seed, codec=cfg.codec, format=cfg.format, n_shards=n_shards,
+    job = _Pass2(out=out, seed=cfg.seed, codec=cfg.codec, x_dtype=cfg.x_dtype, format=cfg.format,
+                 n_shards=n_shards,
                  n_genes=len(vocab), spool_bytes=cfg.spool_bytes, string_cols=string_cols,
                  categories=state["categories"],
                  var=pd.DataFrame({"symbol": vocab.symbols}, index=pd.Index(vocab.gene_ids, name=None)),
@@ -405,7 +410,8 @@ def _write_shard(job: _Pass2, shard: int) -> None:
     record = {"n_cells": int(csr.shape[0]), "nnz": int(csr.nnz), "sha256": None,
               "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items()} for c in _COUNTED}}
     if job.format != "soma":
-        record["sha256"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec)
+        record["sha256"], record["dtypes"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec,
+                                                               job.x_dtype)
     if job.format != "zarr":
         soma_store.write_rows(job.out / "soma", int(job.offsets[shard]), csr, obs, replace=job.soma_resumed)
     mf.write_atomic(build_dir / "done" / f"shard-{shard:05d}.json", json.dumps(record).encode())
@@ -426,15 +432,15 @@ def _soma_ready(build_dir: Path, uri: Path, state: dict[str, Any], vocab: Vocab,
 
 
 def _write_zarr_shard(out: Path, shard: int, csr: Any, obs: pd.DataFrame, var: pd.DataFrame,
-                      codec: str) -> str:
+                      codec: str, x_dtype: str) -> tuple[str, dict[str, str]]:
     # write beside the final name and rename: a crash never leaves a half shard under the final name
     final = out / "zarr" / f"shard-{shard:05d}.zarr"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    zarr_store.write_shard(tmp, csr, obs, var, codec=codec)
+    dtypes = zarr_store.write_shard(tmp, csr, obs, var, codec=codec, x_dtype=x_dtype)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    return mf.shard_sha256(final)
+    return mf.shard_sha256(final), dtypes
 
 
 def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildConfig, vocab: Vocab,
@@ -453,7 +459,9 @@ def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildCon
         "zarr": None if cfg.format == "soma" else {"shards": [
             {"path": f"zarr/shard-{i:05d}.zarr", "n_cells": s["n_cells"], "nnz": s["nnz"],
              "sha256": s["sha256"]}
-            for i, s in enumerate(shards)], "codec": cfg.codec, "chunk_nnz": zarr_store.CHUNK_NNZ},
+            for i, s in enumerate(shards)], "codec": cfg.codec, "chunk_nnz": zarr_store.CHUNK_NNZ,
+            # the widest stored dtype over the shards: what the loader hands out for every batch
+            "dtypes": {k: str(np.result_type(*[s["dtypes"][k] for s in shards])) for k in ("indices", "data")}},
         "soma": None if cfg.format == "zarr" else {"path": "soma", "n_cells": n_cells, "nnz": nnz},
         "splits": {} if split is None else {"holdout": {
             "by": split.column, **({"fraction": split.fraction} if split.fraction is not None else {}),
@@ -463,7 +471,8 @@ def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildCon
         "datasets": counts["dataset_id"],
         "sources": state["sources"],
         "build": {"seed": cfg.seed, "cells_per_shard": cfg.cells_per_shard, "min_genes": cfg.min_genes,
-                  "codec": cfg.codec, "categories_seen": {c: len(v) for c, v in cats.items()}},
+                  "codec": cfg.codec, "x_dtype": cfg.x_dtype,
+                  "categories_seen": {c: len(v) for c, v in cats.items()}},
     }
 
 

@@ -28,7 +28,8 @@ from anndata.io import write_elem
 from sharding.errors import InputError
 
 CHUNK_NNZ = 65_536
-CODECS = ("zstd", "lz4", "blosc-zstd")
+CODECS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4")
+X_DTYPES = ("auto", "float32")
 X_ARRAYS = ("data", "indices", "indptr")
 
 
@@ -39,6 +40,8 @@ def make_codec(name: str) -> Any:
         return zc.ZstdCodec(level=1)
     if name == "blosc-zstd":
         return zc.BloscCodec(cname="zstd", clevel=5, shuffle=zc.BloscShuffle.shuffle)
+    if name == "blosc-lz4":
+        return zc.BloscCodec(cname="lz4", clevel=5, shuffle=zc.BloscShuffle.shuffle)
     if name == "lz4":
         # lz4 exists in zarr v3 only as a numcodecs wrapper; zarr warns that it is outside the
         # spec, which is known and accepted here (anndata/zarr-python read it back).
@@ -48,9 +51,32 @@ def make_codec(name: str) -> Any:
     raise InputError(f"--codec {name!r}: expected one of {', '.join(CODECS)}")
 
 
+def x_dtypes(csr: sp.csr_matrix, x_dtype: str = "auto") -> dict[str, np.dtype]:
+    """The stored dtypes of X's arrays.
+
+    ``auto``: gene indices as uint16 when the vocabulary has at most 65,536 genes (int32 beyond),
+    counts as uint16 when every value is an integer of at most 65,535 (float32 otherwise, e.g.
+    ``--allow-non-integer`` input or a very deep gene). Half the bytes of int32/float32 to store,
+    decode and move; anndata reads them back as a scipy CSR with these dtypes.
+    ``float32``: the classic int32 indices and float32 counts.
+    """
+    if x_dtype not in X_DTYPES:
+        raise InputError(f"--x-dtype {x_dtype!r}: expected one of {', '.join(X_DTYPES)}")
+    if x_dtype == "float32":
+        return {"indices": np.dtype(np.int32), "data": np.dtype(np.float32), "indptr": np.dtype(np.int64)}
+    data = csr.data
+    small = data.size == 0 or (float(data.max()) <= 65535 and float(data.min()) >= 0
+                               and bool(np.all(data == np.floor(data))))
+    return {"indices": np.dtype(np.uint16 if csr.shape[1] <= 65536 else np.int32),
+            "data": np.dtype(np.uint16 if small else np.float32), "indptr": np.dtype(np.int64)}
+
+
 def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame, *,
-                codec: str, chunk_nnz: int = CHUNK_NNZ) -> None:
-    """Write an AnnData Zarr v3 store at ``path`` (a fresh directory): X CSR float32 counts, obs, var."""
+                codec: str, chunk_nnz: int = CHUNK_NNZ, x_dtype: str = "auto") -> dict[str, str]:
+    """Write an AnnData Zarr v3 store at ``path`` (a fresh directory): X CSR counts, obs, var.
+
+    Returns the stored dtypes of X's arrays (see ``x_dtypes``)."""
+    dtypes = x_dtypes(csr, x_dtype)
     with anndata.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
         root = zarr.open_group(path, mode="w", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -58,8 +84,8 @@ def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataF
         write_elem(root, "var", var)
     x = root.create_group("X")
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(csr.shape)})
-    arrays = {"data": csr.data.astype(np.float32, copy=False),
-              "indices": csr.indices.astype(np.int32, copy=False),
+    arrays = {"data": csr.data.astype(dtypes["data"], copy=False),
+              "indices": csr.indices.astype(dtypes["indices"], copy=False),
               "indptr": csr.indptr.astype(np.int64, copy=False)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
@@ -69,6 +95,7 @@ def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataF
             x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(chunks,),
                            compressors=[make_codec(codec)])
             _write_chunks(Path(path) / "X" / name, values, chunks, codec)
+    return {k: v.name for k, v in dtypes.items()}
 
 
 def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str) -> None:
@@ -98,6 +125,8 @@ def _numcodec(name: str) -> Any:
         return numcodecs.Zstd(level=1)
     if name == "blosc-zstd":
         return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    if name == "blosc-lz4":
+        return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
     return numcodecs.LZ4()
 
 

@@ -23,12 +23,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MixEntry:
+    corpus: str
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     corpus: str = "demo_out/corpus"
+    # other corpora mixed into every batch (data_loader.MixedLoader): each batch holds
+    # weight / (data.weight + sum of weights) of its cells from that corpus; data.corpus is the
+    # primary (its epoch is the run's epoch, its held-out cells are the eval set)
+    mix: list[MixEntry] = field(default_factory=list)
+    weight: float = 1.0
     backend: str = "zarr"  # zarr | soma
     batch_size: int = 64  # cells per micro-batch per rank
     num_workers: int = 0
-    block_size: int = 256
+    block_size: int | None = None  # None: 1,024 rows on our pre-shuffled corpora, 256 on other SOMA
     window_batches: int = 8
     read_ahead: int = 2
     soma_filter: str | None = None

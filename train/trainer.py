@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_loader import StreamingLoader, model_inputs
+from data_loader import MixedLoader, StreamingLoader, model_inputs
 from scmodels.build import build_model, default_preprocessing, export_module, hparams_of
 from sharding.manifest import read_manifest, read_vocab
 from train import checkpoint, faults, objectives
@@ -148,10 +148,15 @@ def pretrain(cfg: RunConfig) -> dict:
     model = build_model_for(cfg, len(vocab), vocab).to(device)
     spec = default_preprocessing(cfg.model.family)
     d = cfg.data
-    loader = StreamingLoader(corpus, backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank,
-                             world_size=world, num_workers=d.num_workers, block_size=d.block_size,
-                             window_batches=d.window_batches, read_ahead=d.read_ahead, soma_filter=d.soma_filter,
-                             split=d.split)
+    common = dict(backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                  num_workers=d.num_workers, block_size=d.block_size, window_batches=d.window_batches,
+                  read_ahead=d.read_ahead, soma_filter=d.soma_filter, split=d.split)
+    if d.mix:
+        common["backends"] = common.pop("backend")
+        loader = MixedLoader([corpus] + [Path(m.corpus) for m in d.mix], [d.weight] + [m.weight for m in d.mix],
+                             **common)
+    else:
+        loader = StreamingLoader(corpus, **common)
     engine, ds_cfg = build_engine(cfg, model, world, device.type)
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     state = checkpoint.load_latest(engine, ckpt_root, cfg.checkpoint.resume, cfg.checkpoint.allow_fresh_start)

@@ -72,7 +72,9 @@ def _zarr_counts(corpus: Path, manifest: dict) -> tuple[np.ndarray, list[np.ndar
     ids_per_shard = []
     for shard in manifest["zarr"]["shards"]:
         a = ad.read_zarr(corpus / shard["path"])
-        assert sp.issparse(a.X) and a.X.dtype == np.float32 and a.X.nnz == shard["nnz"]
+        # integer counts <= 65,535 over < 65,536 genes: stored (and read back by anndata) as uint16
+        assert sp.issparse(a.X) and a.X.dtype == np.uint16 and a.X.nnz == shard["nnz"]
+        assert manifest["zarr"]["dtypes"] == {"indices": "uint16", "data": "uint16"}
         ids = a.obs["cell_id"].to_numpy()
         assert a.obs.index.tolist() == [str(i) for i in ids]
         dense[ids] = a.X.toarray()
