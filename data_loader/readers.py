@@ -106,20 +106,19 @@ except ImportError:  # pragma: no cover
     _gather = None
 
 
-def _gather_window_py(order, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, lo, hi):  # pragma: no cover
-    for i in range(lo, hi):
-        j = order[i]
-        s = src_off[j]
-        o = out_ptr[i]
+def _scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, base, ra, rb):  # pragma: no cover
+    for j in range(ra, rb):
         m = src_len[j]
+        s = src_off[j] - base
+        o = out_ptr[pos[j]]
         out_idx[o:o + m] = idx_buf[s:s + m]
         out_dat[o:o + m] = dat_buf[s:s + m]
 
 
 if _gather is not None:
-    _gather_window = numba.njit(cache=True, nogil=True)(_gather_window_py)
+    _scatter_rows = numba.njit(cache=True, nogil=True)(_scatter_rows_py)
 else:  # pragma: no cover
-    _gather_window = _gather_window_py
+    _scatter_rows = _scatter_rows_py
 
 
 def take_rows(block: Block, order: np.ndarray) -> Block:
@@ -242,78 +241,85 @@ class ZarrReader:
                 pieces += self.read_runs(int(s), consecutive_runs(np.asarray(row[a:b])))
             return take_rows(concat_blocks(pieces), order)
 
+    TASK_SLOTS = 32  # chunks a decode task handles at most (plus a row's overhang): ~4 MB per array
+
     def _read_window_direct(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
         n = len(row)
         shards, first = np.unique(shard, return_index=True)
         bounds = [*first[1:], n]
-        src_off = np.zeros(n, dtype=np.int64)
+        src_off = np.zeros(n, dtype=np.int64)  # a row's first non-zero, in its shard's slot space
         src_len = np.zeros(n, dtype=np.int64)
         cell_id = np.empty(n, dtype=np.int64)
         obs_parts: dict[str, list[np.ndarray]] = {c: [] for c in self.obs_columns}
-        tasks: list[tuple] = []  # (ChunkedArray pair, chunk id, slot)
+        tasks: list[tuple] = []  # (array pair, chunk ids, first slot, sorted rows [a, b))
         slot = 0
         arrays = []
+        C = 0
         for s, a, b in zip(shards, first, bounds):
             sh = self._shard(int(s))
             rows = row[a:b] if self.rows is None else self.rows[int(s)][row[a:b]].astype(np.int64)
             ptr = sh["indptr"]
             idx_arr, dat_arr = sh["indices"], sh["data"]
-            arrays.append((idx_arr, dat_arr))
-            C = idx_arr.chunk if idx_arr.direct else 0
-            if not (idx_arr.direct and dat_arr.direct and dat_arr.chunk == C):
+            if not (idx_arr.direct and dat_arr.direct and dat_arr.chunk == idx_arr.chunk
+                    and C in (0, idx_arr.chunk)):
                 raise _NoFastPath
+            C = idx_arr.chunk
+            arrays.append((idx_arr, dat_arr))
             starts, ends = ptr[rows], ptr[rows + 1]
             ln = ends - starts
             nonempty = ln > 0
-            c0 = starts // C
-            c1 = np.where(nonempty, (ends - 1) // C, c0)
             n_chunks = -(-int(ptr[-1]) // C)
+            c0 = np.minimum(starts // C, max(n_chunks - 1, 0))
+            c1 = np.where(nonempty, (ends - 1) // C, c0)
             mark = (np.bincount(c0[nonempty], minlength=n_chunks + 1)
                     - np.bincount(c1[nonempty] + 1, minlength=n_chunks + 1))
             need = np.flatnonzero(np.cumsum(mark)[:n_chunks] > 0)
-            slot_of = np.zeros(n_chunks + 1, dtype=np.int64)
-            slot_of[need] = slot + np.arange(len(need))
-            src_off[a:b] = np.where(nonempty, slot_of[np.minimum(c0, n_chunks)] * C + (starts - c0 * C), 0)
+            slot_of = np.zeros(max(n_chunks, 1), dtype=np.int64)
+            slot_of[need] = np.arange(len(need))  # needed chunks of this shard, side by side
+            s0 = np.where(nonempty, slot_of[c0], -1)
+            s0 = np.maximum.accumulate(s0) if len(s0) else s0  # empty rows ride with their neighbour
+            s0[s0 < 0] = 0
+            s1 = np.maximum.accumulate(np.where(nonempty, slot_of[c1], 0)) if len(s0) else s0
+            src_off[a:b] = s0 * C + np.where(nonempty, starts - c0 * C, 0)
             src_len[a:b] = ln
-            tasks += [(len(arrays) - 1, int(c), slot + k) for k, c in enumerate(need)]
-            slot += len(need)
+            # decode tasks: runs of rows whose first chunk falls in the same TASK_SLOTS-slot bin
+            grp = s0 // self.TASK_SLOTS
+            cuts = [0, *(np.flatnonzero(np.diff(grp)) + 1).tolist(), len(rows)]
+            for ra, rb in zip(cuts[:-1], cuts[1:]):
+                if rb > ra and nonempty[ra:rb].any():
+                    lo, hi = int(s0[ra]), int(s1[rb - 1])
+                    tasks.append((len(arrays) - 1, need[lo:hi + 1], lo, a + ra, a + rb))
             cell_id[a:b] = sh["cell_id"][rows]
             for c in self.obs_columns:
                 obs_parts[c].append(sh["obs"][c][rows])
-        C = arrays[0][0].chunk if arrays else 1
         idx_dtype = self.dtypes.get("indices") or (np.result_type(*[i.dtype for i, _ in arrays]) if arrays
                                                     else np.dtype(np.int32))
         dat_dtype = self.dtypes.get("data") or (np.result_type(*[d.dtype for _, d in arrays]) if arrays
                                                 else np.dtype(np.float32))
-        pool_ = self._buffers()
-        idx_buf = pool_.get(slot * C, idx_dtype)
-        dat_buf = pool_.get(slot * C, dat_dtype)
-
-        def decode(part: list[tuple]) -> None:
-            for k, c, sl in part:
-                idx_arr, dat_arr = arrays[k]
-                idx_arr.decode_into(c, idx_buf[sl * C:(sl + 1) * C])
-                dat_arr.decode_into(c, dat_buf[sl * C:(sl + 1) * C])
-
-        out_len = src_len[order]
+        pos = np.empty(n, dtype=np.int64)  # sorted row j goes to output row pos[j]
+        pos[order] = np.arange(n, dtype=np.int64)
         out_ptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(out_len, out=out_ptr[1:])
-        out_idx = pool_.get(int(out_ptr[-1]), idx_dtype)  # the batches are views of these
-        out_dat = pool_.get(int(out_ptr[-1]), dat_dtype)
+        np.cumsum(src_len[order], out=out_ptr[1:])
+        bufs = self._buffers()
+        out_idx = bufs.get(int(out_ptr[-1]), idx_dtype)  # the batches are views of these
+        out_dat = bufs.get(int(out_ptr[-1]), dat_dtype)
 
-        def gather(lo_hi: tuple[int, int]) -> None:
-            _gather_window(order, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, *lo_hi)
+        def run(task: tuple) -> None:
+            k, chunk_ids, lo, ra, rb = task
+            idx_arr, dat_arr = arrays[k]
+            ib = bufs.get(len(chunk_ids) * C, idx_dtype)  # small, cache-warm for the copy below
+            db = bufs.get(len(chunk_ids) * C, dat_dtype)
+            for j, c in enumerate(chunk_ids.tolist()):
+                idx_arr.decode_into(c, ib[j * C:(j + 1) * C])
+                dat_arr.decode_into(c, db[j * C:(j + 1) * C])
+            _scatter_rows(pos, src_off, src_len, out_ptr, ib, db, out_idx, out_dat, lo * C, ra, rb)
 
         pool = self._executor()
-        parts = max(1, self.threads)
         if pool is not None and len(tasks) > 1:
-            list(pool.map(decode, [tasks[i::parts] for i in range(parts)]))
-            cut = np.searchsorted(out_ptr, np.linspace(0, out_ptr[-1], parts + 1)).clip(0, n)
-            cut[0], cut[-1] = 0, n
-            list(pool.map(gather, list(zip(cut[:-1].tolist(), cut[1:].tolist()))))
+            list(pool.map(run, tasks))
         else:
-            decode(tasks)
-            gather((0, n))
+            for t in tasks:
+                run(t)
         obs = {c: np.concatenate(v)[order] if v else np.zeros(0, dtype=object) for c, v in obs_parts.items()}
         return Block(out_ptr, out_idx, out_dat, cell_id[order], obs)
 
