@@ -17,9 +17,11 @@ import tiledbsoma as soma
 
 MEASUREMENT = "RNA"
 LAYER = "raw"
-# X's tile extents (cells, genes), fixed at creation (TileDB's defaults) so that write_rows can hand
-# TileDB its cells already in global order: 5-6x less CPU than letting TileDB sort them
-X_TILE = (2048, 2048)
+# X's tile extent along cells, fixed at creation. Along genes one tile spans the whole vocabulary,
+# so TileDB's global order is CSR order: a range of cells is one contiguous run of every data tile
+# it touches (with 2,048-gene tiles a 256-cell read decoded ~4x the cells it returned: 3.4x slower
+# block reads, BENCHMARKS.md), and write_rows hands TileDB its cells already in global order.
+X_ROW_TILE = 2048
 
 
 def _obs_schema(columns: list[str]) -> pa.Schema:
@@ -43,7 +45,7 @@ def create_experiment(uri: Path, *, n_cells: int, genes: list[tuple[str, str]],
         var.write(pa.table({"soma_joinid": np.arange(len(genes), dtype=np.int64),
                             "gene_id": pa.array([g for g, _ in genes], pa.large_string()),
                             "symbol": pa.array([s for _, s in genes], pa.large_string())}))
-        tiles = {"soma_dim_0": {"tile": X_TILE[0]}, "soma_dim_1": {"tile": X_TILE[1]}}
+        tiles = {"soma_dim_0": {"tile": X_ROW_TILE}, "soma_dim_1": {"tile": max(1, len(genes))}}
         rna.add_new_collection("X").add_new_sparse_ndarray(
             LAYER, type=pa.float32(), shape=(n_cells, len(genes)),
             platform_config={"tiledb": {"create": {"dims": tiles}}})
@@ -72,26 +74,15 @@ def write_rows(uri: Path, offset: int, csr: sp.csr_matrix, obs: pd.DataFrame, *,
                                                                                  pa.large_string())
     with soma.DataFrame.open(f"{uri}/obs", "w") as df:
         df.write(pa.table(table))
+    if not csr.has_sorted_indices:
+        csr = csr.copy()
+        csr.sort_indices()
     rows = offset + np.repeat(np.arange(n, dtype=np.int64), np.diff(csr.indptr))
-    cols = csr.indices.astype(np.int64)
-    order = _global_order(rows, cols)
     with soma.SparseNDArray.open(x_uri, "w") as arr:
-        arr.write(pa.table({"soma_dim_0": rows[order], "soma_dim_1": cols[order],
-                            "soma_data": csr.data[order].astype(np.float32, copy=False)}),
+        # CSR order with sorted columns is TileDB's global order for these tiles: no sort needed
+        arr.write(pa.table({"soma_dim_0": rows, "soma_dim_1": csr.indices.astype(np.int64),
+                            "soma_data": csr.data.astype(np.float32, copy=False)}),
                   platform_config={"tiledb": {"write": {"sort_coords": False}}})
-
-
-def _global_order(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Permutation putting CSR-ordered (row, then column) cells in TileDB's global order for X_TILE:
-    tile by tile, row-major over tiles, row-major within a tile. A stable sort by tile keeps the CSR
-    order inside each tile; with a small integer key numpy's stable sort is a radix sort."""
-    if not rows.size:
-        return np.zeros(0, dtype=np.int64)
-    row_tile = rows // X_TILE[0] - rows[0] // X_TILE[0]
-    col_tile = cols // X_TILE[1]
-    key = row_tile * (int(col_tile.max()) + 1) + col_tile
-    small = np.int16 if key.max() < np.iinfo(np.int16).max else np.int64
-    return np.argsort(key.astype(small), kind="stable")
 
 
 def check_experiment(uri: Path, *, n_cells: int, n_genes: int, nnz: int) -> list[str]:

@@ -276,14 +276,31 @@ def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
     assert pass2_jobs(0, 50_000, 10) == 1 and pass2_jobs(3, 50_000, 2) == 2 and pass2_jobs(0, 10**6, 1) == 1
 
 
-def test_soma_cells_are_written_in_tiledb_global_order() -> None:
-    from sharding.soma_store import X_TILE, _global_order
+def test_soma_x_has_one_gene_tile_and_reads_back_the_csr(tmp_path: Path) -> None:
+    """One tile across all genes makes TileDB's global order CSR order: rows are written unsorted by TileDB
+    (sort_coords off), so a wrong order would fail the write or the read-back below."""
+    import json as _json
 
-    x = sp.random(5000, 4500, density=0.01, format="csr", random_state=2)
-    rows = 3000 + np.repeat(np.arange(5000), np.diff(x.indptr))
-    cols = x.indices.astype(np.int64)
-    expected = np.lexsort((cols, rows, cols // X_TILE[1], rows // X_TILE[0]))
-    np.testing.assert_array_equal(_global_order(rows, cols), expected)
+    import tiledbsoma as soma
+
+    from sharding import soma_store
+
+    x = sp.random(500, 450, density=0.05, format="csr", random_state=2, dtype=np.float32)
+    x.data[:] = np.arange(1, x.nnz + 1)
+    x = x[:, np.random.default_rng(0).permutation(450)].tocsr()  # unsorted column indices
+    x.has_sorted_indices = False
+    uri = tmp_path / "soma"
+    genes = [(f"g{j}", f"s{j}") for j in range(450)]
+    soma_store.create_experiment(uri, n_cells=800, genes=genes, obs_columns=["cell_id"])
+    obs = pd.DataFrame({"cell_id": np.arange(300, 800)})
+    soma_store.write_rows(uri, 300, x, obs, replace=False)
+    with soma.SparseNDArray.open(str(uri / "ms" / "RNA" / "X" / "raw")) as arr:
+        dims = _json.loads(arr.schema_config_options().dims)
+        assert dims["soma_dim_1"]["tile"] == "450" and dims["soma_dim_0"]["tile"] == str(soma_store.X_ROW_TILE)
+        tbl = arr.read(coords=(slice(300, 799),)).tables().concat()
+    got = sp.coo_matrix((tbl["soma_data"].to_numpy(), (tbl["soma_dim_0"].to_numpy() - 300,
+                                                       tbl["soma_dim_1"].to_numpy())), shape=(500, 450)).tocsr()
+    assert (got != x).nnz == 0
 
 
 def test_holdout_a_fraction_of_donors(tmp_path: Path) -> None:
