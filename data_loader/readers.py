@@ -8,6 +8,7 @@ Two backends behind one interface (``Reader.read(shard, rows)``):
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,26 @@ class BufferPool:
             while len(self._bufs) > self.keep:
                 self._bufs.pop(0)
             return buf[:n]
+
+
+_NUMERIC = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32",
+            "float64"}
+
+
+class _Coded:
+    """A text column as categories + int32 codes (the last category is None, for missing values)."""
+
+    def __init__(self, categories: np.ndarray, codes: np.ndarray):
+        self.categories, self.codes = categories, codes
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.categories[self.codes[rows]]
+
+    def values(self) -> np.ndarray:
+        return self.categories[self.codes]
+
+    def __len__(self) -> int:
+        return len(self.codes)
 
 
 class _NoFastPath(Exception):
@@ -165,7 +186,7 @@ class ZarrReader:
     """
 
     def __init__(self, corpus: str | Path, manifest: dict, obs_columns: list[str], threads: int = 2,
-                 cache_shards: int = 16, split: str | None = None):
+                 cache_shards: int = 64, split: str | None = None):
         self.root = Path(corpus)
         self.paths = [self.root / s["path"] for s in manifest["zarr"]["shards"]]
         self.sizes = [int(s["n_cells"]) for s in manifest["zarr"]["shards"]]
@@ -173,6 +194,8 @@ class ZarrReader:
         # every batch carries the corpus's widest stored dtypes (older corpora: whatever the shards hold)
         self.dtypes = {k: np.dtype(v) for k, v in (manifest["zarr"].get("dtypes") or {}).items()}
         self.threads, self.cache_shards = threads, cache_shards
+        self.categories = {c: np.array([*v, None], dtype=object)
+                           for c, v in (manifest.get("obs_categories") or {}).items()}
         self._open: dict[int, dict] = {}
         self._pool = None
         self._bufpool: BufferPool | None = None  # decode and window buffers, reused
@@ -180,43 +203,62 @@ class ZarrReader:
         # cell, the only per-cell state; the plan then deals those rows as if they were the shard.
         self.rows: list[np.ndarray] | None = None
         if split is not None:
-            import zarr
-
             self.rows = []
             for path in self.paths:
-                col = self._obs_column(zarr.open_group(str(path), mode="r"), "split")
-                self.rows.append(np.flatnonzero(col == split).astype(np.int32))
+                col = self._obs_column(path, "split")
+                vals = col.values() if isinstance(col, _Coded) else col
+                self.rows.append(np.flatnonzero(vals == split).astype(np.int32))
             self.sizes = [len(r) for r in self.rows]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}, "_pool": None, "_bufpool": None}
 
-    def _obs_column(self, g, col: str) -> np.ndarray:
+    def _obs_column(self, path: Path, col: str):
+        """One obs column of a shard, compact: a numeric array, or (categories, int32 codes) for text.
+
+        Numeric arrays are read by the direct chunk decoder (no zarr-python); text columns (AnnData
+        strings or categoricals) go through zarr once and are kept as codes, not one Python string
+        per cell."""
+        from data_loader.zarr_chunks import ChunkedArray
+
+        node = path / "obs" / col
+        try:
+            meta = json.loads((node / "zarr.json").read_text())
+        except FileNotFoundError:
+            raise KeyError(f"{path}: obs column {col!r} not found; the corpus keeps "
+                           f"{sorted(p.name for p in (path / 'obs').iterdir() if p.is_dir())}") from None
+        if meta.get("node_type") == "array" and meta.get("data_type") in _NUMERIC:
+            return np.asarray(ChunkedArray(node)[:])
+        cats = self.categories.get(col)
+        if (cats is not None and meta.get("attributes", {}).get("encoding-type") == "categorical"
+                and (node / "codes" / "zarr.json").exists()):
+            # our builder's shards: codes into the corpus-wide categories of the manifest
+            codes = np.asarray(ChunkedArray(node / "codes")[:]).astype(np.int32)
+            return _Coded(cats, np.where(codes >= 0, codes, len(cats) - 1).astype(np.int32))
         import zarr
 
-        node = g[f"obs/{col}"]
-        if isinstance(node, zarr.Group):  # AnnData categorical: codes + categories
-            codes = np.asarray(node["codes"][:])
-            cats = np.asarray(node["categories"][:], dtype=object)
-            return np.where(codes >= 0, cats[np.maximum(codes, 0)], None)
-        return np.asarray(node[:])
+        z = zarr.open_group(str(path / "obs"), mode="r")[col]
+        if isinstance(z, zarr.Group):  # AnnData categorical: codes + categories
+            codes = np.asarray(z["codes"][:]).astype(np.int32)
+            cats = np.asarray(z["categories"][:], dtype=object)
+        else:
+            cats, codes = np.unique(np.asarray(z[:], dtype=object).astype(str), return_inverse=True)
+            cats, codes = cats.astype(object), codes.astype(np.int32)
+        return _Coded(np.append(cats, None), np.where(codes >= 0, codes, len(cats)).astype(np.int32))
 
     def _shard(self, shard: int) -> dict:
         if shard in self._open:
             self._open[shard] = self._open.pop(shard)  # most recent last
             return self._open[shard]
-        import zarr
-
         from data_loader.zarr_chunks import ChunkedArray
 
         self._executor()
         path = self.paths[shard]
-        g = zarr.open_group(str(path), mode="r")
         arrs = {"indptr": np.asarray(ChunkedArray(path / "X" / "indptr")[:], dtype=np.int64),
                 "indices": ChunkedArray(path / "X" / "indices", self._pool),
                 "data": ChunkedArray(path / "X" / "data", self._pool),
-                "cell_id": np.asarray(self._obs_column(g, "cell_id"), dtype=np.int64),
-                "obs": {c: self._obs_column(g, c) for c in self.obs_columns}}
+                "cell_id": np.asarray(self._obs_column(path, "cell_id"), dtype=np.int64),
+                "obs": {c: self._obs_column(path, c) for c in self.obs_columns}}
         self._open[shard] = arrs
         while len(self._open) > self.cache_shards:
             self._open.pop(next(iter(self._open)))

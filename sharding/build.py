@@ -406,9 +406,11 @@ def _write_shard(job: _Pass2, shard: int) -> None:
     csr, cell_ids, codes = csr[perm], cell_ids[perm], codes[perm]
     obs = pd.DataFrame({"cell_id": cell_ids}, index=pd.Index(cell_ids.astype(str)))
     for i, col in enumerate(job.string_cols):
-        obs[col] = Categories(job.categories[col]).decode(codes[:, i])
+        # categorical over the corpus-wide category list (also in the manifest): the loader reads a
+        # shard's integer codes directly, with no per-cell strings
+        obs[col] = pd.Categorical.from_codes(codes[:, i], categories=job.categories[col])
     record = {"n_cells": int(csr.shape[0]), "nnz": int(csr.nnz), "sha256": None,
-              "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items()} for c in _COUNTED}}
+              "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items() if v} for c in _COUNTED}}
     if job.format != "soma":
         record["sha256"], record["dtypes"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec,
                                                                job.x_dtype)
@@ -456,6 +458,7 @@ def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildCon
         "n_cells": n_cells, "n_genes": len(vocab), "nnz": nnz,
         "vocab": {"path": mf.VOCAB, "sha256": mf.vocab_sha256(vocab.gene_ids)},
         "obs_columns": ["cell_id"] + string_cols,
+        "obs_categories": {c: list(cats[c]) for c in string_cols},
         "zarr": None if cfg.format == "soma" else {"shards": [
             {"path": f"zarr/shard-{i:05d}.zarr", "n_cells": s["n_cells"], "nnz": s["nnz"],
              "sha256": s["sha256"]}

@@ -30,6 +30,14 @@ def test_overrides_and_corpus_shortcut():
     assert cfg.data.corpus == "/x" and cfg.optim.lr == 3e-4 and cfg.engine.zero_stage == 3
 
 
+def test_mix_override_parses_into_entries():
+    cfg = load_config(REPO / "configs/pretrain/demo_mae.yaml",
+                      ["corpus=/a", "data.weight=3", "data.mix=[{corpus: /b, weight: 1}, {corpus: /c}]"])
+    assert [(m.corpus, m.weight) for m in cfg.data.mix] == [("/b", 1.0), ("/c", 1.0)] and cfg.data.weight == 3.0
+    with pytest.raises(ConfigError, match=r"data.mix\[0\].*unknown key"):
+        load_config(None, ["data.mix=[{corpus: /b, wieght: 1}]"])
+
+
 @pytest.mark.parametrize("path", PRETRAIN, ids=[p.stem for p in PRETRAIN])
 def test_every_pretrain_config_builds(path):
     cfg = load_config(path)

@@ -6,6 +6,7 @@ import json
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 from data_loader import StreamingLoader, model_inputs
 from scmodels import PreprocessSpec
@@ -137,3 +138,90 @@ def test_soma_with_worker_processes_streams_and_early_exit_is_clean(small_corpus
     )
     p = run_cli(["-c", code], timeout=240)
     assert "cells 2999" in p.stdout or "cells 2998" in p.stdout
+
+
+def _truth(corpus):
+    man = json.loads((corpus / "manifest.json").read_text())
+    truth = {}
+    for s in man["zarr"]["shards"]:
+        a = ad.read_zarr(corpus / s["path"])
+        x = a.X.tocsr()
+        for i, cid in enumerate(a.obs["cell_id"].to_numpy()):
+            lo, hi = x.indptr[i], x.indptr[i + 1]
+            truth[int(cid)] = (x.indices[lo:hi].astype(np.int64), x.data[lo:hi].astype(np.float64))
+    return truth
+
+
+def _check_batch(batch, truth):
+    ptr = batch["indptr"].numpy()
+    idx, dat = batch["indices"].numpy(), batch["data"].numpy()
+    for i, cid in enumerate(batch["cell_id"].tolist()):
+        t_idx, t_dat = truth[cid]
+        o = np.argsort(idx[ptr[i]:ptr[i + 1]], kind="stable")
+        np.testing.assert_array_equal(idx[ptr[i]:ptr[i + 1]][o], np.sort(t_idx))
+        np.testing.assert_array_equal(dat[ptr[i]:ptr[i + 1]][o].astype(np.float64), t_dat[np.argsort(t_idx)])
+
+
+@pytest.mark.parametrize("backend", ["zarr", "soma"])
+def test_batches_kept_by_the_consumer_are_never_overwritten(small_corpus, backend):
+    """The loader reuses its window buffers only when no batch, tensor or view of them is alive:
+    batches held across two whole epochs still hold their own cells' counts."""
+    truth = _truth(small_corpus)
+    L = StreamingLoader(small_corpus, backend=backend, batch_size=64, seed=5, rank=0, world_size=1,
+                        window_batches=4)
+    kept = [b for _ in range(2) for b in L]
+    views = [b["indices"][:3].numpy() for b in kept[:5]]  # views of views keep the buffer too
+    for b in kept:
+        _check_batch(b, truth)
+    assert kept[0]["indices"].dtype == torch.uint16  # 300 genes
+    assert kept[0]["data"].dtype == (torch.uint16 if backend == "zarr" else torch.float32)
+    assert all(len(v) == 3 for v in views)
+
+
+def test_store_dtypes_follow_the_data(tmp_path):
+    """uint16 counts and indices by default; a count above 65,535 makes the corpus float32 (every batch);
+    --x-dtype float32 keeps the classic int32/float32."""
+    import anndata
+    import scipy.sparse as sp
+
+    x = sp.random(300, 50, density=0.2, format="csr", random_state=0, dtype=np.float32)
+    x.data[:] = np.random.default_rng(0).integers(1, 30, x.nnz)
+    x.data[7] = 70_000  # one deep gene in one cell
+    a = anndata.AnnData(X=x)
+    a.var_names = [f"G{j}" for j in range(50)]
+    a.obs_names = [f"c{i}" for i in range(300)]
+    a.write_h5ad(tmp_path / "deep.h5ad")
+    dtypes = {}
+    for opt in ("auto", "float32"):
+        out = tmp_path / opt
+        run_cli(["-m", "sharding", "build", "--source", str(tmp_path / "deep.h5ad"), "--out", str(out),
+                 "--cells-per-shard", "100", "--x-dtype", opt])
+        man = json.loads((out / "manifest.json").read_text())
+        dtypes[opt] = man["zarr"]["dtypes"]
+        shard_types = {str(ad.read_zarr(out / s["path"]).X.dtype) for s in man["zarr"]["shards"]}
+        b = next(iter(StreamingLoader(out, batch_size=300, seed=0, rank=0, world_size=1)))
+        assert str(b["data"].dtype) == f"torch.{man['zarr']['dtypes']['data']}"
+        assert float(b["data"].max()) == 70_000.0
+        if opt == "auto":  # the deep cell's shard is float32, the others uint16; batches are float32
+            assert shard_types == {"uint16", "float32"}
+    assert dtypes == {"auto": {"indices": "uint16", "data": "float32"},
+                      "float32": {"indices": "int32", "data": "float32"}}
+
+
+def test_block_size_travels_with_the_stream_state(small_corpus):
+    L = StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0, world_size=1, block_size=100)
+    it = iter(L)
+    head = [next(it)["cell_id"].numpy() for _ in range(3)]
+    state = L.state_dict()
+    del it
+    assert state["block_size"] == 100
+    R = StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0, world_size=1)  # block size unset
+    R.load_state_dict(state)
+    assert R.block_size == 100
+    rest = [b["cell_id"].numpy() for b in R]
+    full = [b["cell_id"].numpy() for b in StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0,
+                                                          world_size=1, block_size=100)]
+    assert all(np.array_equal(a, b) for a, b in zip(head + rest, full)) and len(head + rest) == len(full)
+    other = StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0, world_size=1, block_size=64)
+    with pytest.raises(ValueError, match="saved with block_size=100.*block_size=100"):
+        other.load_state_dict(state)
