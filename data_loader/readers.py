@@ -9,6 +9,7 @@ Two backends behind one interface (``Reader.read(shard, rows)``):
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +200,7 @@ class ZarrReader:
         self._open: dict[int, dict] = {}
         self._pool = None
         self._bufpool: BufferPool | None = None  # decode and window buffers, reused
+        self._lock = threading.Lock()  # the shard cache and the lazily made pools
         # A split filter keeps, per shard, the (int32) rows of that split: 4 bytes per selected
         # cell, the only per-cell state; the plan then deals those rows as if they were the shard.
         self.rows: list[np.ndarray] | None = None
@@ -211,7 +213,11 @@ class ZarrReader:
             self.sizes = [len(r) for r in self.rows]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_open": {}, "_pool": None, "_bufpool": None}
+        return {**self.__dict__, "_open": {}, "_pool": None, "_bufpool": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _obs_column(self, path: Path, col: str):
         """One obs column of a shard, compact: a numeric array, or (categories, int32 codes) for text.
@@ -247,9 +253,19 @@ class ZarrReader:
         return _Coded(np.append(cats, None), np.where(codes >= 0, codes, len(cats)).astype(np.int32))
 
     def _shard(self, shard: int) -> dict:
-        if shard in self._open:
-            self._open[shard] = self._open.pop(shard)  # most recent last
-            return self._open[shard]
+        """A shard's compact per-cell state, from an LRU cache; two read-ahead threads may ask at once."""
+        with self._lock:
+            if shard in self._open:
+                self._open[shard] = arrs = self._open.pop(shard)  # most recent last
+                return arrs
+        arrs = self._open_shard(shard)
+        with self._lock:
+            self._open[shard] = arrs
+            while len(self._open) > self.cache_shards:
+                self._open.pop(next(iter(self._open)))
+        return arrs
+
+    def _open_shard(self, shard: int) -> dict:
         from data_loader.zarr_chunks import ChunkedArray
 
         self._executor()
@@ -259,9 +275,6 @@ class ZarrReader:
                 "data": ChunkedArray(path / "X" / "data", self._pool),
                 "cell_id": np.asarray(self._obs_column(path, "cell_id"), dtype=np.int64),
                 "obs": {c: self._obs_column(path, c) for c in self.obs_columns}}
-        self._open[shard] = arrs
-        while len(self._open) > self.cache_shards:
-            self._open.pop(next(iter(self._open)))
         return arrs
 
     def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
@@ -366,16 +379,18 @@ class ZarrReader:
         return Block(out_ptr, out_idx, out_dat, cell_id[order], obs)
 
     def _buffers(self) -> BufferPool:
-        if self._bufpool is None:
-            self._bufpool = BufferPool()
-        return self._bufpool
+        with self._lock:
+            if self._bufpool is None:
+                self._bufpool = BufferPool()
+            return self._bufpool
 
     def _executor(self):
-        if self._pool is None and self.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._lock:
+            if self._pool is None and self.threads > 1:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(self.threads)
-        return self._pool
+                self._pool = ThreadPoolExecutor(self.threads)
+            return self._pool
 
     def read_runs(self, shard: int, runs: list[tuple[int, int]]) -> list[Block]:
         """Several row ranges of one shard; every compressed chunk is decoded once."""

@@ -70,8 +70,15 @@ class CorpusDataset(IterableDataset):
         state = self.state if self._iters == 0 else StreamState(self.state.seed, self.state.epoch + self._iters)
         self._iters += 1
         tasks = self._windows(state, self.layout(k), worker)
+        threads = 2
+        if info is not None:
+            # K worker processes already read K windows at once: one window and a share of the
+            # decode threads each, so K workers do not oversubscribe the cores (or hold K x 2 windows)
+            threads = 1
+            if hasattr(self.reader, "threads"):
+                self.reader.threads = max(1, self.reader.threads // max(k, 1))
         if self.read_ahead > 0:
-            source = _prefetch(tasks, self.read_ahead)
+            source = _prefetch(tasks, self.read_ahead, threads)
         else:
             source = ((read(), cuts) for read, cuts in tasks)
         for block, cuts in source:
