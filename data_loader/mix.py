@@ -48,15 +48,22 @@ def split_batch(batch_size: int, weights: Sequence[float]) -> list[int]:
     return sizes.tolist()
 
 
-def concat_batches(parts: list[dict]) -> dict:
-    """One CSR batch from sub-batches (same vocabulary), with ``corpus`` telling each cell's origin."""
+def _common_dtype(tensors: list[torch.Tensor], wider: torch.dtype) -> torch.dtype:
+    """The one dtype of ``tensors``, or ``wider`` when they differ (torch does not promote uint16)."""
+    kinds = {t.dtype for t in tensors}
+    return kinds.pop() if len(kinds) == 1 else wider
+
+
+def concat_batches(parts: list[dict], primary: int = 0) -> dict:
+    """One CSR batch from sub-batches (same vocabulary), with ``corpus`` telling each cell's origin.
+    Gene indices become int64 and counts float32 where the corpora store different dtypes."""
     indptrs, off = [], 0
     for p in parts:
         ip = p["indptr"]
         indptrs.append(ip[1:] - ip[0] + off if indptrs else ip - ip[0])
         off += int(ip[-1] - ip[0])
-    dtype_i = torch.promote_types(*[p["indices"].dtype for p in parts]) if len(parts) > 1 else parts[0]["indices"].dtype
-    dtype_d = torch.promote_types(*[p["data"].dtype for p in parts]) if len(parts) > 1 else parts[0]["data"].dtype
+    dtype_i = _common_dtype([p["indices"] for p in parts], torch.int64)
+    dtype_d = _common_dtype([p["data"] for p in parts], torch.float32)
     obs = {k: np.concatenate([np.asarray(p["obs"][k]) for p in parts]) for k in parts[0]["obs"]}
     return {
         "indptr": torch.cat(indptrs),
@@ -65,7 +72,7 @@ def concat_batches(parts: list[dict]) -> dict:
         "cell_id": torch.cat([p["cell_id"] for p in parts]),
         "corpus": torch.cat([torch.full((len(p["cell_id"]),), i, dtype=torch.int16) for i, p in enumerate(parts)]),
         "obs": obs,
-        "epoch": parts[0]["epoch"],
+        "epoch": parts[primary]["epoch"],
         "epochs": [p["epoch"] for p in parts],
     }
 
@@ -137,7 +144,7 @@ class MixedLoader:
             if head is None:
                 return
             parts = [head if i == self.primary else self._next(i) for i in range(len(self.loaders))]
-            yield concat_batches(parts)
+            yield concat_batches(parts, self.primary)
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` of the primary corpus (the others keep their own positions)."""

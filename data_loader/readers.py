@@ -294,7 +294,18 @@ class ZarrReader:
             pieces = []
             for s, a, b in zip(shards, first, [*first[1:], len(shard)]):
                 pieces += self.read_runs(int(s), consecutive_runs(np.asarray(row[a:b])))
-            return take_rows(concat_blocks(pieces), order)
+            blk = take_rows(concat_blocks(pieces), order)
+            idx_dtype, dat_dtype = self._out_dtypes([blk.indices.dtype], [blk.data.dtype])
+            blk.indices, blk.data = blk.indices.astype(idx_dtype, copy=False), blk.data.astype(dat_dtype, copy=False)
+            return blk
+
+    def _out_dtypes(self, idx: list, dat: list) -> tuple[np.dtype, np.dtype]:
+        """The corpus's dtypes for every batch (manifest), else the widest of what was read."""
+        i = self.dtypes.get("indices")
+        d = self.dtypes.get("data")
+        i = i if i is not None else (np.result_type(*idx) if idx else np.dtype(np.int32))
+        d = d if d is not None else (np.result_type(*dat) if dat else np.dtype(np.float32))
+        return np.dtype(i), np.dtype(d)
 
     TASK_SLOTS = 32  # chunks a decode task handles at most (plus a row's overhang): ~4 MB per array
 
@@ -347,10 +358,7 @@ class ZarrReader:
             cell_id[a:b] = sh["cell_id"][rows]
             for c in self.obs_columns:
                 obs_parts[c].append(sh["obs"][c][rows])
-        idx_dtype = self.dtypes.get("indices") or (np.result_type(*[i.dtype for i, _ in arrays]) if arrays
-                                                    else np.dtype(np.int32))
-        dat_dtype = self.dtypes.get("data") or (np.result_type(*[d.dtype for _, d in arrays]) if arrays
-                                                else np.dtype(np.float32))
+        idx_dtype, dat_dtype = self._out_dtypes([i.dtype for i, _ in arrays], [d.dtype for _, d in arrays])
         pos = np.empty(n, dtype=np.int64)  # sorted row j goes to output row pos[j]
         pos[order] = np.arange(n, dtype=np.int64)
         out_ptr = np.zeros(n + 1, dtype=np.int64)
@@ -430,8 +438,7 @@ class SomaReader:
         self.uri, self.value_filter = str(uri), value_filter
         self.measurement, self.layer, self.organism = measurement, layer, census_organism
         self.obs_columns, self.id_column = list(obs_columns), id_column
-        self._exp = None
-        self._ctx = None
+        self._local = threading.local()  # one open experiment per thread: two windows may be read at once
         exp = self._experiment()
         if value_filter:
             tbl = exp.obs.read(value_filter=value_filter, column_names=["soma_joinid"]).concat()
@@ -448,20 +455,25 @@ class SomaReader:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_exp": None, "_ctx": None}
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def _experiment(self):
-        if self._exp is None:
+        loc = self._local
+        if getattr(loc, "exp", None) is None:
             if self.organism:
                 import cellxgene_census
 
-                self._ctx = cellxgene_census.open_soma(uri=self.uri)
-                self._exp = self._ctx["census_data"][self.organism]
+                loc.ctx = cellxgene_census.open_soma(uri=self.uri)
+                loc.exp = loc.ctx["census_data"][self.organism]
             else:
                 import tiledbsoma
 
-                self._exp = tiledbsoma.Experiment.open(self.uri)
-        return self._exp
+                loc.exp = tiledbsoma.Experiment.open(self.uri)
+        return loc.exp
 
     def read(self, shard: int, start: int, stop: int) -> Block:
         n = stop - start
@@ -527,5 +539,7 @@ class SomaReader:
                 col = np.empty(n, dtype=arr.dtype)
                 col[at] = arr
                 obs[c] = col[order]
+        for c in cols:  # an empty read still carries every column
+            obs.setdefault(c, np.zeros(0, dtype=object))
         cell_id = obs.pop(self.id_column).astype(np.int64) if self.id_column else jids[order].copy()
         return Block(out_ptr, out_idx, out_dat, cell_id, obs)

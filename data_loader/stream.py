@@ -76,7 +76,9 @@ class CorpusDataset(IterableDataset):
             # decode threads each, so K workers do not oversubscribe the cores (or hold K x 2 windows)
             threads = 1
             if hasattr(self.reader, "threads"):
-                self.reader.threads = max(1, self.reader.threads // max(k, 1))
+                base = getattr(self.reader, "_threads0", None) or self.reader.threads
+                self.reader._threads0 = base
+                self.reader.threads = max(1, base // max(k, 1))
         if self.read_ahead > 0:
             source = _prefetch(tasks, self.read_ahead, threads)
         else:
@@ -116,6 +118,7 @@ def _prefetch(tasks: Iterator[tuple], depth: int, threads: int = 2) -> Iterator[
 
 PRESHUFFLED_BLOCK = 1024
 UNSHUFFLED_BLOCK = 256
+LEGACY_BLOCK = 256  # the default before stream states recorded their block size
 
 
 def auto_block_size(preshuffled: bool) -> int:
@@ -257,8 +260,12 @@ class StreamingLoader:
         size, worker count or batch size: exactly the cells not yet seen, re-dealt. The block size
         defines the epoch's order, so a saved one is adopted (an explicitly different one is refused).
         """
-        saved = d.get("block_size")
-        if saved is not None and int(saved) != self.block_size:
+        if "corpora" in d:
+            raise ValueError("stream state: saved by a MixedLoader (several corpora); resume it with the same "
+                             "mix (data.mix), not a single corpus")
+        # states saved before the block size was recorded were streamed with the then default, 256
+        saved = d.get("block_size", LEGACY_BLOCK)
+        if int(saved) != self.block_size:
             if self._block_explicit:
                 raise ValueError(f"stream state: saved with block_size={saved}, this loader has block_size="
                                  f"{self.block_size}; the saved position only exists in the saved block order: "

@@ -46,6 +46,7 @@ from sharding.vocab import Alignment, Vocab, align, check_coverage, derive_vocab
 
 FORMATS = ("zarr", "soma", "both")
 _COUNTED = ("cell_type", "dataset_id", "split")  # per-shard tallies summed into the manifest
+CATEGORICAL_MAX = 4096  # text obs columns with at most this many values are stored as categoricals
 READ_AHEAD = 2  # source blocks prepared ahead of dealing, in a thread (0: inline)
 AUTO_JOBS_MIN_CELLS = 100_000  # below this, --jobs 0 (auto) writes shards in the main process
 _OWNED = {"manifest.json", mf.MANIFEST_TMP, "vocab.tsv", "zarr", "soma", ".build"}
@@ -406,9 +407,13 @@ def _write_shard(job: _Pass2, shard: int) -> None:
     csr, cell_ids, codes = csr[perm], cell_ids[perm], codes[perm]
     obs = pd.DataFrame({"cell_id": cell_ids}, index=pd.Index(cell_ids.astype(str)))
     for i, col in enumerate(job.string_cols):
-        # categorical over the corpus-wide category list (also in the manifest): the loader reads a
-        # shard's integer codes directly, with no per-cell strings
-        obs[col] = pd.Categorical.from_codes(codes[:, i], categories=job.categories[col])
+        cats = job.categories[col]
+        if len(cats) <= CATEGORICAL_MAX:
+            # categorical over the corpus-wide category list (also in the manifest): the loader reads a
+            # shard's integer codes directly, with no per-cell strings
+            obs[col] = pd.Categorical.from_codes(codes[:, i], categories=cats)
+        else:  # e.g. barcodes: every shard repeating the whole list would cost more than the strings
+            obs[col] = Categories(cats).decode(codes[:, i])
     record = {"n_cells": int(csr.shape[0]), "nnz": int(csr.nnz), "sha256": None,
               "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items() if v} for c in _COUNTED}}
     if job.format != "soma":
@@ -458,7 +463,7 @@ def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildCon
         "n_cells": n_cells, "n_genes": len(vocab), "nnz": nnz,
         "vocab": {"path": mf.VOCAB, "sha256": mf.vocab_sha256(vocab.gene_ids)},
         "obs_columns": ["cell_id"] + string_cols,
-        "obs_categories": {c: list(cats[c]) for c in string_cols},
+        "obs_categories": {c: list(cats[c]) for c in string_cols if len(cats[c]) <= CATEGORICAL_MAX},
         "zarr": None if cfg.format == "soma" else {"shards": [
             {"path": f"zarr/shard-{i:05d}.zarr", "n_cells": s["n_cells"], "nnz": s["nnz"],
              "sha256": s["sha256"]}

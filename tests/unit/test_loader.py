@@ -225,3 +225,17 @@ def test_block_size_travels_with_the_stream_state(small_corpus):
     other = StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0, world_size=1, block_size=64)
     with pytest.raises(ValueError, match="saved with block_size=100.*block_size=100"):
         other.load_state_dict(state)
+
+
+def test_a_state_saved_before_block_sizes_were_recorded_resumes_with_256(small_corpus):
+    L = StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0, world_size=1, block_size=256)
+    it = iter(L)
+    next(it)
+    state = L.state_dict()
+    del it
+    state.pop("block_size")  # what earlier versions saved
+    R = StreamingLoader(small_corpus, batch_size=32, seed=0, rank=0, world_size=1)
+    R.load_state_dict(state)
+    assert R.block_size == 256
+    with pytest.raises(ValueError, match="MixedLoader"):
+        R.load_state_dict({"mix": {}, "corpora": [state]})

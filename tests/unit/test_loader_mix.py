@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from data_loader import MixedLoader
 from data_loader.mix import split_batch
@@ -127,3 +128,15 @@ def test_mixing_refuses_other_vocabularies(small_corpus, tmp_path):
         MixedLoader([small_corpus, other], [1, 1], batch_size=8, seed=0, rank=0, world_size=1)
     with pytest.raises(ValueError, match="one weight per corpus"):
         MixedLoader([small_corpus, other], [1], batch_size=8, seed=0, rank=0, world_size=1)
+
+
+def test_corpora_with_different_stored_dtypes_mix(small_corpus, tmp_path):
+    """A uint16 corpus with an int32/float32 one: indices widen to int64, counts to float32."""
+    wide = tmp_path / "wide"
+    run_cli(["-m", "sharding", "build", "--source", "synthetic://cells=400,genes=300,types=5,datasets=2,seed=9",
+             "--vocab", str(small_corpus / "vocab.tsv"), "--out", str(wide), "--format", "zarr",
+             "--x-dtype", "float32"])
+    L = MixedLoader([small_corpus, wide], [1, 1], batch_size=20, seed=0, rank=0, world_size=1, primary=1)
+    b = next(iter(L))
+    assert b["indices"].dtype == torch.int64 and b["data"].dtype == torch.float32
+    assert b["epoch"] == L.loaders[1].epoch == 0 and (b["corpus"] == 1).sum() == 10
