@@ -30,7 +30,7 @@ clean:
 
 # Benchmarks (scripts that print figures; not tests). Results go to BENCHMARKS.md by hand, with date and machine.
 bench-loader: setup
-	$(PY) -m benchmarks.bench_loader
+	$(PY) -m benchmarks.bench_loader --rss-scale
 
 bench-corpus: setup
 	$(PY) -m benchmarks.bench_corpus

@@ -46,7 +46,7 @@ ANNBATCH_PKGS = ["annbatch[zarrs,numba]==0.3.1", "zarrs==0.2.3", "psutil"]
 PEER_PKGS = ["tiledbsoma-ml==0.1.0", "scdataset==0.3.0", "psutil"]
 TORCH_PIN = "torch==2.13.0"  # as in the Makefile: a local CPU build; unpinned would pull CUDA wheels
 
-GROUPS = ("ours", "annbatch", "scdataset", "tiledbsoma-ml", "annloader", "ceilings")
+GROUPS = ("ours", "annbatch", "scdataset", "tiledbsoma-ml", "annloader", "ceilings", "steady")
 
 
 def log(msg: str) -> None:
@@ -521,6 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra StreamingLoader kwargs, e.g. block_size=512,window_batches=16")
     p.add_argument("--build-opts", default="",
                    help="extra `sharding build` options for our corpus, e.g. '--codec blosc-lz4' (part of its stamp)")
+    p.add_argument("--steady", action="store_true",
+                   help="also time ours (zarr, 0 workers) and annbatch on a second pass in the same process")
     p.add_argument("--corpus-name", default="corpus", help="folder under OUT/stores for our corpus (default corpus)")
     p.add_argument("--jobs", type=int, default=2, help="processes for data generation and store builds")
     p.add_argument("--timeout", type=float, default=900, help="seconds per loader run before it is killed")
@@ -543,7 +545,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rss-density", type=float, default=0.01, help="(~20 non-zeros per cell at 2,000 genes)")
     g.add_argument("--rss-batches", type=int, default=40, help="batches read in both corpora")
     g.add_argument("--rss-backends", default="zarr,soma")
-    g.add_argument("--rss-workers", default="0")
+    g.add_argument("--rss-workers", default="0,2")
     return p.parse_args(argv)
 
 
@@ -623,6 +625,16 @@ def main(argv=None) -> int:
                     "its own pre-shuffled collection", "CSR", "0", None, "annbatch_run.py",
                     {**common, "mode": "load", "store": str(ab_store), "types": types, "chunk_size": 64,
                      "preload_nchunks": 256}, [ab_store], ve))
+    if a.steady:  # the same two loaders after one whole untimed pass in the same process
+        runs.append(Run("steady/ours-zarr-w0-steady", "steady", "**ours** StreamingLoader (zarr), 2nd pass",
+                        "our corpus (pre-shuffled)", "CSR", "0", PROJECT_PY, "ours.py",
+                        {**common, "corpus": str(corpus), "backend": "zarr", "num_workers": 0,
+                         "labels": str(lab_corpus), "loader_opts": ours_opts, "warm_passes": 1},
+                        [corpus / "zarr"], pe))
+        runs.append(Run("steady/annbatch-tuned-steady", "steady", "annbatch, chunk 64 x preload 256 (tuned), 2nd pass",
+                        "its own pre-shuffled collection", "CSR", "0", None, "annbatch_run.py",
+                        {**common, "mode": "load", "store": str(ab_store), "types": types, "chunk_size": 64,
+                         "preload_nchunks": 256, "warm_passes": 1}, [ab_store], ve))
     runs.append(Run("scdataset/scdataset-w0", "scdataset", "scDataset, BlockShuffling(8), fetch factor 16",
                     "backed h5ad", "CSR", "0", None, "scdataset_run.py",
                     {**common, "h5ad": str(h5ad), "labels": str(lab_h5ad)}, [h5ad], ve))
@@ -659,12 +671,12 @@ def main(argv=None) -> int:
 
     # 3. venvs (only those needed)
     venvs = {}
-    if any(r.group == "annbatch" for r in runs):
+    if any(r.group == "annbatch" or r.key.startswith("steady/annbatch") for r in runs):
         venvs["annbatch"] = ensure_venv("annbatch", venv_dir, skip_create=a.no_venv_create)
     if any(r.group in ("scdataset", "tiledbsoma-ml") for r in runs):
         venvs["peers"] = ensure_venv("peers", venv_dir, skip_create=a.no_venv_create)
     for r in runs:
-        v = venvs.get("annbatch" if r.group == "annbatch" else "peers") if r.python is None else None
+        v = (venvs.get("annbatch" if "annbatch" in r.key else "peers")) if r.python is None else None
         if v is not None:
             r.python, r.unavailable = v.python, v.reason
 
@@ -694,7 +706,7 @@ def main(argv=None) -> int:
     for r in runs:
         if r.unavailable is None and corpus_err and str(corpus) in json.dumps(r.spec):
             r.unavailable = corpus_err
-        if r.unavailable is None and ab_err and r.group == "annbatch":
+        if r.unavailable is None and ab_err and "annbatch" in r.key:
             r.unavailable = ab_err
 
     rows = []

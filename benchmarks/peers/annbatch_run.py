@@ -84,6 +84,12 @@ def load(spec: dict) -> None:
         labels.clear()
     loader = make(seed).use_collection(coll, load_adata=load_x_only)
     lab = np.concatenate(labels)
+    for _ in range(int(spec.get("warm_passes", 0))):  # steady state: whole untimed passes first
+        n = 0
+        for batch in loader:
+            n += batch["X"].shape[0]
+            if meter.target and n >= meter.target:
+                break
     meter.start()
     out_type = None
     for batch in loader:

@@ -3,7 +3,8 @@
 Spec keys: corpus, backend ("zarr" | "soma"), batch_size, num_workers, cells or batches,
 labels (an .npy of cell-type codes indexed by cell_id; optional), n_types, loader_opts
 (extra StreamingLoader keyword arguments, e.g. block_size / window_batches), profile
-(a path: after one unprofiled epoch, cProfile the timed one into it; workers 0 only), mp_context ("spawn" |
+(a path: after one unprofiled epoch, cProfile the timed one into it; workers 0 only), warm_passes (whole
+untimed passes over the same loader before the timed one: the steady state of a long run), mp_context ("spawn" |
 "forkserver": start the DataLoader workers that way instead of the loader's default fork).
 Batches are CSR dicts; cells are counted from ``cell_id`` and labelled through it.
 """
@@ -52,6 +53,12 @@ def main(spec: dict) -> None:
                              seed=int(spec.get("seed", 0)), rank=0, world_size=1,
                              num_workers=int(spec["num_workers"]), pin_memory=False,
                              **opts)
+    for _ in range(int(spec.get("warm_passes", 0))):  # steady state: whole untimed passes first
+        n = 0
+        for batch in loader:
+            n += len(batch["cell_id"])
+            if meter.target and n >= meter.target:
+                break
     prof = None
     if spec.get("profile"):
         import cProfile
