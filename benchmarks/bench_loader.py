@@ -649,6 +649,8 @@ def main(argv=None) -> int:
                     {**common, "h5ad": str(h5ad), "labels": str(lab_h5ad)}, [h5ad], pe))
     ceil = [("ceiling-h5py", "ceiling: sequential h5py read of the uncompressed h5ad, 32k rows/read",
              "source h5ad", "CSR", {"mode": "h5py", "rows": 32768, "h5ad": str(h5ad)}, [h5ad]),
+            ("ceiling-h5py-reuse", "ceiling: the same, read into two reused buffers (read_direct)",
+             "source h5ad", "CSR", {"mode": "h5py", "rows": 32768, "h5ad": str(h5ad), "reuse": True}, [h5ad]),
             ("ceiling-zarr", "ceiling: sequential zarr-python read of our Zarr shards, whole shards",
              "our corpus", "CSR", {"mode": "zarr", "rows": 65536, "corpus": str(corpus)}, [corpus / "zarr"]),
             ("ceiling-zarr-numcodecs", "ceiling: our Zarr chunk files decoded by numcodecs, 2 threads",

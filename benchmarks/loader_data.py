@@ -194,7 +194,7 @@ def corpus_labels(corpus: Path, types: list[str]) -> np.ndarray:
         cid = np.asarray(g["obs/cell_id"][:], dtype=np.int64)
         node = g["obs/cell_type"]
         if isinstance(node, zarr.Group):
-            cats = np.asarray(node["categories"][:]).astype(str)
+            cats = np.asarray(node["categories"][:]).astype(object).astype(str)
             lab = cats[np.asarray(node["codes"][:])]
         else:
             lab = np.asarray(node[:]).astype(object).astype(str)

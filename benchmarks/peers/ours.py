@@ -53,12 +53,9 @@ def main(spec: dict) -> None:
                              seed=int(spec.get("seed", 0)), rank=0, world_size=1,
                              num_workers=int(spec["num_workers"]), pin_memory=False,
                              **opts)
-    for _ in range(int(spec.get("warm_passes", 0))):  # steady state: whole untimed passes first
-        n = 0
-        for batch in loader:
-            n += len(batch["cell_id"])
-            if meter.target and n >= meter.target:
-                break
+    for _ in range(int(spec.get("warm_passes", 0))):  # steady state: whole untimed epochs first
+        for batch in loader:  # (to the end: an epoch left early would be resumed, not restarted)
+            pass
     prof = None
     if spec.get("profile"):
         import cProfile
