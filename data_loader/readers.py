@@ -440,6 +440,12 @@ class SomaReader:
         self.obs_columns, self.id_column = list(obs_columns), id_column
         self._local = threading.local()  # one open experiment per thread: two windows may be read at once
         exp = self._experiment()
+        names = set(exp.obs.schema.names)
+        if self.id_column and self.id_column not in names:
+            self.id_column = None  # a store without our cell_id (the Census): soma_joinid names the cell
+        missing = [c for c in self.obs_columns if c not in names]
+        if missing:
+            raise KeyError(f"{self.uri}: obs has no column(s) {missing}; it has {sorted(names)}")
         if value_filter:
             tbl = exp.obs.read(value_filter=value_filter, column_names=["soma_joinid"]).concat()
             self.joinids = np.sort(tbl.column("soma_joinid").to_numpy())

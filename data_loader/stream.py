@@ -137,7 +137,7 @@ class StreamingLoader:
     """Batches of CSR counts for one rank, with a global, resumable stream state.
 
     Args:
-        corpus: a corpus directory (``python -m sharding build``).
+        corpus: a corpus directory (``python -m sharding build``); None to stream ``soma_uri`` as it is.
         backend: ``"zarr"`` (the corpus's shards) or ``"soma"`` (its TileDB-SOMA experiment).
         batch_size: cells per batch per rank.
         seed: must be equal on every rank.
@@ -148,11 +148,15 @@ class StreamingLoader:
         obs_columns: obs columns to return with each batch (``cell_id`` always comes).
         split: stream only cells of this ``split`` ("train" by default; None = all) when the corpus
             was built with ``--holdout``; held-out cells are never trained on.
+        soma_uri: another SOMA experiment to stream (backend "soma"); with ``census_organism`` a
+            store with the Census layout, opened through ``cellxgene_census.open_soma(uri=...)``.
+        soma_filter: an obs value filter (``"tissue_general == 'lung' and is_primary_data == True"``).
+            Cells are named by the store's ``cell_id`` column, or by ``soma_joinid`` where it has none.
 
     Each ``iter()`` yields the rest of the current epoch; the next one starts the next epoch.
     """
 
-    def __init__(self, corpus: str | Path, backend: str = "zarr", batch_size: int = 64, seed: int = 0,
+    def __init__(self, corpus: str | Path | None, backend: str = "zarr", batch_size: int = 64, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
                  block_size: int | None = None, window_batches: int = 8, obs_columns: list[str] | tuple = (),
                  persistent_workers: bool = False, pin_memory: bool | None = None, read_ahead: int = 2,
@@ -163,8 +167,11 @@ class StreamingLoader:
             on = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank() if on else 0
             world_size = dist.get_world_size() if on else 1
-        self.corpus = Path(corpus)
-        self.manifest = read_manifest(self.corpus)
+        if corpus is None and not (backend == "soma" and soma_uri):
+            raise ValueError("corpus: required, except for backend='soma' with soma_uri (an existing SOMA "
+                             "experiment or Census store streamed as it is)")
+        self.corpus = Path(corpus) if corpus is not None else None
+        self.manifest = read_manifest(self.corpus) if corpus is not None else {}
         # a split filter only where the corpus has held-out cells (else every cell is "train")
         self.split = split if self.manifest.get("splits") else None
         self.reader = self._build_reader(backend, list(obs_columns), soma_uri, soma_filter, census_organism)

@@ -295,3 +295,38 @@ def test_credentials_in_uris_are_redacted_in_the_manifest() -> None:
     assert redact("soma://s3://me:secret@host/atlas?layer=raw") == "soma://s3://me:***@host/atlas?layer=raw"
     assert redact("census:homo_sapiens?uri=https://u:p@h/c") == "census:homo_sapiens?uri=https://u:***@h/c"
     assert redact("data/a.h5ad") == "data/a.h5ad"
+
+
+def test_loader_streams_a_census_store_with_a_filter_exactly_once(census_store) -> None:
+    """The loader's SOMA reader on a Census-layout store through the real client: the filtered cells,
+    each once across 2 ranks, counts as stored, obs columns beside them, soma_joinid as the cell id."""
+    from data_loader import StreamingLoader
+
+    root, truth = census_store
+    flt = "tissue_general == 'lung' and is_primary_data == True"
+    obs = truth["obs"]
+    want = set(np.flatnonzero(((obs["tissue_general"] == "lung") & obs["is_primary_data"]).to_numpy()).tolist())
+    seen, per_rank = [], []
+    for rank in range(2):
+        L = StreamingLoader(None, backend="soma", soma_uri=str(root), census_organism="homo_sapiens",
+                            soma_filter=flt, batch_size=16, seed=0, rank=rank, world_size=2,
+                            obs_columns=["cell_type", "tissue_general"])
+        assert L.block_size == 256  # another store: assumed sorted, small blocks
+        n = 0
+        for b in L:
+            ids = b["cell_id"].numpy()
+            ptr, idx, dat = b["indptr"].numpy(), b["indices"].numpy(), b["data"].numpy()
+            for i, cid in enumerate(ids):
+                row = np.zeros(truth["x"].shape[1], dtype=np.float32)
+                row[idx[ptr[i]:ptr[i + 1]]] = dat[ptr[i]:ptr[i + 1]]
+                np.testing.assert_array_equal(row, truth["x"][cid])
+            assert set(b["obs"]["tissue_general"]) == {"lung"}
+            assert list(b["obs"]["cell_type"]) == obs["cell_type"].to_numpy()[ids].tolist()
+            seen += ids.tolist()
+            n += 1
+        per_rank.append(n)
+    assert per_rank[0] == per_rank[1]
+    assert len(seen) == len(set(seen)) and set(seen) <= want and len(want) - len(seen) < 2
+    with pytest.raises(KeyError, match="obs has no column"):
+        StreamingLoader(None, backend="soma", soma_uri=str(root), census_organism="homo_sapiens",
+                        batch_size=16, seed=0, rank=0, world_size=1, obs_columns=["no_such_column"])
