@@ -46,7 +46,7 @@ ANNBATCH_PKGS = ["annbatch[zarrs,numba]==0.3.1", "zarrs==0.2.3", "psutil"]
 PEER_PKGS = ["tiledbsoma-ml==0.1.0", "scdataset==0.3.0", "psutil"]
 TORCH_PIN = "torch==2.13.0"  # as in the Makefile: a local CPU build; unpinned would pull CUDA wheels
 
-GROUPS = ("ours", "annbatch", "scdataset", "tiledbsoma-ml", "annloader", "ceilings", "steady")
+GROUPS = ("ours", "annbatch", "scdataset", "tiledbsoma-ml", "annloader", "ceilings", "steady", "sorted")
 
 
 def log(msg: str) -> None:
@@ -521,6 +521,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra StreamingLoader kwargs, e.g. block_size=512,window_batches=16")
     p.add_argument("--build-opts", default="",
                    help="extra `sharding build` options for our corpus, e.g. '--codec blosc-lz4' (part of its stamp)")
+    p.add_argument("--sorted-soma", action="store_true",
+                   help="also write the source, in its type-sorted order, as a SOMA experiment and run ours "
+                        "(streaming it without a corpus) and tiledbsoma-ml on it")
     p.add_argument("--steady", action="store_true",
                    help="also time ours (zarr, 0 workers) and annbatch on a second pass in the same process")
     p.add_argument("--corpus-name", default="corpus", help="folder under OUT/stores for our corpus (default corpus)")
@@ -665,6 +668,19 @@ def main(argv=None) -> int:
             ("cost-densify", (f"cost: densify CSR to float32 [{B:,} x {a.genes:,}] on the CPU "
              "(torch, 1 thread)"),
              "—", "dense", {"mode": "densify", "h5ad": str(h5ad)}, [])]
+    sorted_soma = stores / "sorted.soma"
+    if a.sorted_soma:  # a SOMA experiment sorted by cell type: where block shuffling matters
+        for w in [int(x) for x in a.workers.split(",") if x.strip()]:
+            runs.append(Run(f"sorted/ours-soma-sorted-w{w}", "sorted", "**ours** StreamingLoader (soma_uri, no corpus)",
+                            "type-sorted SOMA", "CSR", str(w), PROJECT_PY, "ours.py",
+                            {**common, "corpus": None, "backend": "soma", "num_workers": w,
+                             "labels": str(lab_h5ad), "loader_opts": {**ours_opts, "soma_uri": str(sorted_soma)}},
+                            [sorted_soma], pe))
+        for w in [int(x) for x in a.soma_ml_workers.split(",") if x.strip()]:
+            runs.append(Run(f"sorted/tiledbsoma-ml-sorted-w{w}", "sorted", "tiledbsoma-ml ExperimentDataset (defaults)",
+                            "type-sorted SOMA", "dense", str(w), None, "tiledbsoma_ml_run.py",
+                            {**common, "soma": str(sorted_soma), "num_workers": w, "labels": str(lab_h5ad)},
+                            [sorted_soma], ve))
     for key, name, store, outp, spec, wpaths in ceil:
         runs.append(Run(f"ceilings/{key}", "ceilings", name, store, outp, "0", PROJECT_PY, "ceilings.py",
                         {**common, **spec}, wpaths, pe, quality=False))
@@ -675,7 +691,7 @@ def main(argv=None) -> int:
     venvs = {}
     if any(r.group == "annbatch" or r.key.startswith("steady/annbatch") for r in runs):
         venvs["annbatch"] = ensure_venv("annbatch", venv_dir, skip_create=a.no_venv_create)
-    if any(r.group in ("scdataset", "tiledbsoma-ml") for r in runs):
+    if any(r.group in ("scdataset", "tiledbsoma-ml") or "tiledbsoma-ml" in r.key for r in runs):
         venvs["peers"] = ensure_venv("peers", venv_dir, skip_create=a.no_venv_create)
     for r in runs:
         v = (venvs.get("annbatch" if "annbatch" in r.key else "peers")) if r.python is None else None
@@ -696,6 +712,21 @@ def main(argv=None) -> int:
         except (RuntimeError, FileNotFoundError) as e:
             corpus_err = f"our corpus could not be built: {e}"
             builds["our corpus (sharding build --format both)"] = {"status": f"failed: {e}"[:300]}
+    if a.sorted_soma and any(r.group == "sorted" for r in runs):
+        stamp = sorted_soma.with_name(sorted_soma.name + ".json")
+        if not (sorted_soma.exists() and _stamp_ok(stamp, src["params"])):
+            log("building the type-sorted SOMA experiment (our SOMA writer, the source's row order)")
+            shutil.rmtree(sorted_soma, ignore_errors=True)
+            code = ("import sys; from pathlib import Path; from benchmarks.loader_data import write_sorted_soma; "
+                    "write_sorted_soma(Path(sys.argv[1]), Path(sys.argv[2]))")
+            pr = run_sampled([PROJECT_PY, "-c", code, str(h5ad), str(sorted_soma)],
+                             log_path=runs_dir / "sorted-soma-build.log", timeout=a.build_timeout, env=pe)
+            if pr.rc != 0:
+                raise SystemExit(f"writing the sorted SOMA failed: {pr.log_tail[-600:]}")
+            stamp.write_text(json.dumps({"params": src["params"], "seconds": pr.seconds}))
+            builds["type-sorted SOMA (our writer, source row order)"] = {
+                "seconds": pr.seconds, "cells": src["n_cells"], "peak_tree_mb": pr.peak_tree_mb,
+                "bytes": _du(sorted_soma), "status": "ok"}
     ab_err = None
     if "annbatch" in venvs and venvs["annbatch"].python:
         ab_err = build_annbatch(venvs["annbatch"].python, h5ad, ab_store, src, runs_dir, builds, a)

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 BLOCK = 8192
 TYPES = 12
@@ -218,3 +219,32 @@ def soma_labels(uri: Path, types: list[str], by: str = "soma_joinid") -> np.ndar
     out = np.full(int(key.max()) + 1 if len(key) else 0, -1, dtype=np.int16)
     out[key] = np.searchsorted(np.asarray(types), lab)
     return out
+
+
+def write_sorted_soma(h5ad: Path, uri: Path, rows: int = 16384, log=print) -> None:
+    """The source h5ad, in its type-sorted row order, as a SOMA experiment written by our SOMA writer
+    (``sharding.soma_store``): soma_joinid = h5ad row, obs ``cell_id`` = row, ``cell_type``. A stand-in for an
+    external store sorted by cell type (``tiledbsoma.io.from_anndata`` ran > 8 minutes on 200k cells here)."""
+    import anndata as ad
+    import h5py
+    import scipy.sparse as sp
+
+    from sharding import soma_store
+
+    a = ad.read_h5ad(h5ad, backed="r")
+    genes = [(str(g), str(g)) for g in a.var_names]
+    ctype = np.asarray(a.obs["cell_type"]).astype(str)
+    n = a.n_obs
+    a.file.close()
+    soma_store.create_experiment(uri, n_cells=n, genes=genes, obs_columns=["cell_id", "cell_type"])
+    with h5py.File(h5ad, "r") as f:
+        x = f["X"]
+        ptr = x["indptr"][:]
+        for lo in range(0, n, rows):
+            hi = min(lo + rows, n)
+            a0, b0 = int(ptr[lo]), int(ptr[hi])
+            csr = sp.csr_matrix((x["data"][a0:b0], x["indices"][a0:b0], ptr[lo:hi + 1] - a0),
+                                shape=(hi - lo, len(genes)))
+            obs = pd.DataFrame({"cell_id": np.arange(lo, hi, dtype=np.int64), "cell_type": ctype[lo:hi]})
+            soma_store.write_rows(uri, lo, csr, obs, replace=False)
+            log(f"  sorted SOMA: {hi:,}/{n:,} cells")
