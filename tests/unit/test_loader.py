@@ -239,3 +239,34 @@ def test_a_state_saved_before_block_sizes_were_recorded_resumes_with_256(small_c
     assert R.block_size == 256
     with pytest.raises(ValueError, match="MixedLoader"):
         R.load_state_dict({"mix": {}, "corpora": [state]})
+
+
+def test_obs_columns_as_categorical_codes_and_as_plain_strings(tmp_path):
+    """Low-cardinality text obs are stored as categoricals over the manifest's categories (read as codes);
+    one with more than 4,096 values (barcodes) stays plain strings; both come back per cell, correctly."""
+    import anndata
+    import scipy.sparse as sp
+
+    n = 5000
+    x = sp.random(n, 40, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    x.data[:] = np.random.default_rng(1).integers(1, 9, x.nnz)
+    x[np.flatnonzero(np.diff(x.indptr) == 0), 0] = 1  # no empty cells (they would be dropped)
+    a = anndata.AnnData(X=sp.csr_matrix(x))
+    a.var_names = [f"G{j}" for j in range(40)]
+    a.obs_names = [f"cell{i}" for i in range(n)]
+    a.obs["barcode"] = [f"BC{i:06d}" for i in range(n)]
+    a.obs["cell_type"] = np.random.default_rng(2).choice(["T", "B", "NK"], n)
+    a.write_h5ad(tmp_path / "bc.h5ad")
+    out = tmp_path / "c"
+    run_cli(["-m", "sharding", "build", "--source", str(tmp_path / "bc.h5ad"), "--out", str(out),
+             "--keep-obs", "barcode", "--label-key", "cell_type", "--cells-per-shard", "2000"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert "barcode" not in man["obs_categories"] and sorted(man["obs_categories"]["cell_type"]) == ["B", "NK", "T"]
+    L = StreamingLoader(out, batch_size=500, seed=0, rank=0, world_size=1, obs_columns=["barcode", "cell_type"])
+    got = {}
+    for b in L:
+        for cid, bc, ct in zip(b["cell_id"].tolist(), b["obs"]["barcode"], b["obs"]["cell_type"]):
+            got[cid] = (bc, ct)
+    assert len(got) >= n - 1
+    for cid, (bc, ct) in got.items():  # cell_id = position in the source
+        assert bc == f"BC{cid:06d}" and ct == a.obs["cell_type"].iloc[cid]
