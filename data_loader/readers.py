@@ -1,6 +1,7 @@
 """Block readers: rows of a corpus -> CSR counts + global cell ids + requested obs columns.
 
-Two backends behind one interface (``Reader.read(shard, rows)``):
+Two backends behind one interface (``read(shard, start, stop)``, ``read_window(shard, row, order)``,
+``sizes``, ``set_workers(k)``); ``SomaReader`` lives in ``data_loader.soma_reader``:
 * ``ZarrReader``: the corpus's AnnData Zarr shards, read array by array with zarr (the
   AnnData object layer is skipped: it is the slow part).
 * ``SomaReader``: a TileDB-SOMA experiment -- the corpus's own, or any experiment with the
@@ -9,6 +10,7 @@ Two backends behind one interface (``Reader.read(shard, rows)``):
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,15 +61,11 @@ class BufferPool:
     """
 
     def __init__(self, keep: int = 32):
-        import threading
-
         self.keep = keep
         self._bufs: list[np.ndarray] = []
         self._lock = threading.Lock()
 
     def get(self, n: int, dtype) -> np.ndarray:
-        import sys
-
         dtype = np.dtype(dtype)
         with self._lock:
             best = -1
@@ -128,7 +126,7 @@ except ImportError:  # pragma: no cover
     _gather = None
 
 
-def _scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, base, ra, rb):  # pragma: no cover
+def scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, base, ra, rb):  # pragma: no cover
     for j in range(ra, rb):
         m = src_len[j]
         s = src_off[j] - base
@@ -138,9 +136,20 @@ def _scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, 
 
 
 if _gather is not None:
-    _scatter_rows = numba.njit(cache=True, nogil=True)(_scatter_rows_py)
+    scatter_rows = numba.njit(cache=True, nogil=True)(scatter_rows_py)
 else:  # pragma: no cover
-    _scatter_rows = _scatter_rows_py
+    scatter_rows = scatter_rows_py
+
+
+def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of ``lengths`` non-zeros (sorted order) returned as rows ``order``: where each sorted row
+    goes (``pos``) and the output's ``indptr``."""
+    n = len(order)
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n, dtype=np.int64)
+    out_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths[order], out=out_ptr[1:])
+    return pos, out_ptr
 
 
 def take_rows(block: Block, order: np.ndarray) -> Block:
@@ -195,6 +204,7 @@ class ZarrReader:
         # every batch carries the corpus's widest stored dtypes (older corpora: whatever the shards hold)
         self.dtypes = {k: np.dtype(v) for k, v in (manifest["zarr"].get("dtypes") or {}).items()}
         self.threads, self.cache_shards = threads, cache_shards
+        self._threads_total = threads
         self.categories = {c: np.array([*v, None], dtype=object)
                            for c, v in (manifest.get("obs_categories") or {}).items()}
         self._open: dict[int, dict] = {}
@@ -280,11 +290,11 @@ class ZarrReader:
     def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
         """Cells ``(shard[j], row[j])``, given sorted by (shard, row), returned as rows ``order``.
 
-        The fast path of the loader, with no per-cell Python: every chunk of ``indices``/``data``
-        that the window touches is decoded once, by the thread pool, straight into one buffer per
-        array (consecutive chunks of a shard side by side, so a row never needs stitching); one
-        numba pass then copies each row from there into its place in the mixed window. That is
-        one decode and one copy per non-zero; the batches are views of the result.
+        The fast path of the loader, with no per-cell Python: the chunks of ``indices``/``data`` the
+        window touches are split into tasks of at most ``TASK_SLOTS`` consecutive needed chunks; a
+        pool thread decodes a task's chunks side by side into small reused buffers (so a row never
+        needs stitching) and one numba pass copies each of its rows into its place in the mixed
+        window. That is one decode and one copy per non-zero; the batches are views of the result.
         """
         try:
             return self._read_window_direct(np.asarray(shard, dtype=np.int64), np.asarray(row, dtype=np.int64),
@@ -359,10 +369,7 @@ class ZarrReader:
             for c in self.obs_columns:
                 obs_parts[c].append(sh["obs"][c][rows])
         idx_dtype, dat_dtype = self._out_dtypes([i.dtype for i, _ in arrays], [d.dtype for _, d in arrays])
-        pos = np.empty(n, dtype=np.int64)  # sorted row j goes to output row pos[j]
-        pos[order] = np.arange(n, dtype=np.int64)
-        out_ptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(src_len[order], out=out_ptr[1:])
+        pos, out_ptr = window_layout(src_len, order)  # sorted row j goes to output row pos[j]
         bufs = self._buffers()
         out_idx = bufs.get(int(out_ptr[-1]), idx_dtype)  # the batches are views of these
         out_dat = bufs.get(int(out_ptr[-1]), dat_dtype)
@@ -375,7 +382,7 @@ class ZarrReader:
             for j, c in enumerate(chunk_ids.tolist()):
                 idx_arr.decode_into(c, ib[j * C:(j + 1) * C])
                 dat_arr.decode_into(c, db[j * C:(j + 1) * C])
-            _scatter_rows(pos, src_off, src_len, out_ptr, ib, db, out_idx, out_dat, lo * C, ra, rb)
+            scatter_rows(pos, src_off, src_len, out_ptr, ib, db, out_idx, out_dat, lo * C, ra, rb)
 
         pool = self._executor()
         if pool is not None and len(tasks) > 1:
@@ -385,6 +392,12 @@ class ZarrReader:
                 run(t)
         obs = {c: np.concatenate(v)[order] if v else np.zeros(0, dtype=object) for c, v in obs_parts.items()}
         return Block(out_ptr, out_idx, out_dat, cell_id[order], obs)
+
+    def set_workers(self, k: int) -> None:
+        """In one of ``k`` DataLoader worker processes: a ``1/k`` share of the decode threads."""
+        threads = max(1, self._threads_total // max(k, 1))
+        if threads != self.threads:
+            self.threads, self._pool = threads, None  # (a forked copy of the parent's pool has no threads)
 
     def _buffers(self) -> BufferPool:
         with self._lock:
@@ -423,137 +436,3 @@ class ZarrReader:
 
     def read(self, shard: int, start: int, stop: int) -> Block:
         return self.read_runs(shard, [(start, stop)])[0]
-
-
-class SomaReader:
-    """Reads cells of a TileDB-SOMA experiment by local row (0..n-1 over the selected cells).
-
-    ``uri`` is the experiment; ``census_organism`` switches to a Census-layout collection
-    (``census_data/<organism>``) opened through ``cellxgene_census.open_soma(uri=...)``.
-    """
-
-    def __init__(self, uri: str, obs_columns: list[str], value_filter: str | None = None,
-                 measurement: str = "RNA", layer: str = "raw", census_organism: str | None = None,
-                 id_column: str = "cell_id", shard_sizes: list[int] | None = None):
-        self.uri, self.value_filter = str(uri), value_filter
-        self.measurement, self.layer, self.organism = measurement, layer, census_organism
-        self.obs_columns, self.id_column = list(obs_columns), id_column
-        self._local = threading.local()  # one open experiment per thread: two windows may be read at once
-        exp = self._experiment()
-        names = set(exp.obs.schema.names)
-        if self.id_column and self.id_column not in names:
-            self.id_column = None  # a store without our cell_id (the Census): soma_joinid names the cell
-        missing = [c for c in self.obs_columns if c not in names]
-        if missing:
-            raise KeyError(f"{self.uri}: obs has no column(s) {missing}; it has {sorted(names)}")
-        if value_filter:
-            tbl = exp.obs.read(value_filter=value_filter, column_names=["soma_joinid"]).concat()
-            self.joinids = np.sort(tbl.column("soma_joinid").to_numpy())
-        else:
-            self.joinids = None  # identity: no per-cell array for an unfiltered experiment
-        if self.joinids is not None:
-            n = len(self.joinids)
-        elif shard_sizes is not None:
-            n = int(sum(shard_sizes))  # our corpus: the manifest knows (obs.count costs ~9 B per cell of RSS)
-        else:
-            # unfiltered rows are read as soma_joinids 0..n-1; the domain is free, obs.count is not (+180 MB
-            # of RSS at 20M cells, measured)
-            dom = exp.obs.non_empty_domain()
-            n = int(dom[0][1]) + 1 if dom and dom[0] is not None else 0
-        # Blocks over SOMA rows follow the corpus's shard boundaries when given (so the Zarr and
-        # SOMA backends of one corpus stream the identical sequence); else one virtual shard.
-        if shard_sizes is not None and sum(shard_sizes) == n:
-            self.sizes = list(shard_sizes)
-        else:
-            self.sizes = [n]
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _experiment(self):
-        loc = self._local
-        if getattr(loc, "exp", None) is None:
-            if self.organism:
-                import cellxgene_census
-
-                loc.ctx = cellxgene_census.open_soma(uri=self.uri)
-                loc.exp = loc.ctx["census_data"][self.organism]
-            else:
-                import tiledbsoma
-
-                loc.exp = tiledbsoma.Experiment.open(self.uri)
-        return loc.exp
-
-    def read(self, shard: int, start: int, stop: int) -> Block:
-        n = stop - start
-        return self.read_window(np.full(n, shard), np.arange(start, stop), np.arange(n))
-
-    def read_rows(self, rows: np.ndarray) -> Block:
-        """Rows (local indices, any order) -> Block in that order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        key = np.argsort(rows, kind="stable")
-        order = np.empty(len(key), dtype=np.int64)
-        order[key] = np.arange(len(key))
-        return self._read_sorted(rows[key], order)
-
-    def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
-        """Cells ``(shard[j], row[j])``, sorted by (shard, row), returned as rows ``order``."""
-        return self._read_sorted(self.offsets[np.asarray(shard)] + np.asarray(row), np.asarray(order))
-
-    def _read_sorted(self, rows: np.ndarray, order: np.ndarray) -> Block:
-        """Local rows, sorted, read with one X and one obs query; returned as rows ``order``.
-
-        One query with every joinid of the window (TileDB merges them into ranges) costs no more than
-        one range query per block and saves the per-query overhead. TileDB's unordered results (~15x
-        faster than ``result_order="row-major"``) are sorted by row only when they arrive out of order;
-        one numba pass then copies every row into its place in the mixed window, casting the gene
-        index to the vocabulary's smallest type (uint16 up to 65,536 genes).
-        """
-        import pyarrow as pa
-
-        exp = self._experiment()
-        jids = self.joinids[rows] if self.joinids is not None else np.asarray(rows, dtype=np.int64)
-        X = exp.ms[self.measurement].X[self.layer]
-        n = len(jids)
-        coords = pa.array(jids)
-        tables = list(X.read(coords=(coords,)).tables()) if n else []
-        tbl = pa.concat_tables(tables) if len(tables) > 1 else (tables[0] if tables else None)
-        if tbl is not None and tbl.num_rows:
-            dim0 = tbl.column("soma_dim_0").to_numpy()
-            dim1 = tbl.column("soma_dim_1").to_numpy()
-            val = tbl.column("soma_data").to_numpy()
-        else:
-            dim0, dim1, val = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if len(dim0) > 1 and np.any(dim0[1:] < dim0[:-1]):
-            o = np.argsort(dim0, kind="stable")
-            dim0, dim1, val = dim0[o], dim1[o], val[o]
-        start = np.searchsorted(dim0, jids, side="left")  # rows are sorted: n searches, not one per nnz
-        length = np.searchsorted(dim0, jids, side="right") - start
-        n_genes = int(X.shape[1])
-        idx_dtype = np.uint16 if n_genes <= 65536 else np.int32
-        pos = np.empty(n, dtype=np.int64)
-        pos[order] = np.arange(n, dtype=np.int64)
-        out_ptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(length[order], out=out_ptr[1:])
-        out_idx = np.empty(int(out_ptr[-1]), dtype=idx_dtype)
-        out_dat = np.empty(int(out_ptr[-1]), dtype=val.dtype if val.dtype.kind == "f" else np.float32)
-        _scatter_rows(pos, start, length, out_ptr, dim1, val, out_idx, out_dat, 0, 0, n)
-        cols = [self.id_column, *self.obs_columns] if self.id_column else list(self.obs_columns)
-        obs = {}
-        if cols and n:
-            obs_tbl = exp.obs.read(coords=(coords,), column_names=["soma_joinid", *cols]).concat()
-            at = np.searchsorted(jids, obs_tbl.column("soma_joinid").to_numpy())
-            for c in cols:
-                arr = obs_tbl.column(c).to_numpy(zero_copy_only=False)
-                col = np.empty(n, dtype=arr.dtype)
-                col[at] = arr
-                obs[c] = col[order]
-        for c in cols:  # an empty read still carries every column
-            obs.setdefault(c, np.zeros(0, dtype=object))
-        cell_id = obs.pop(self.id_column).astype(np.int64) if self.id_column else jids[order].copy()
-        return Block(out_ptr, out_idx, out_dat, cell_id, obs)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.readers import Block, SomaReader, ZarrReader, slice_rows
+from data_loader.readers import Block, ZarrReader, slice_rows
+from data_loader.soma_reader import SomaReader
 from sharding.manifest import read_manifest
 from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
                            consumed_per_stream, resume_state, segment_length, stream_batches)
@@ -75,10 +76,7 @@ class CorpusDataset(IterableDataset):
             # K worker processes already read K windows at once: one window and a share of the
             # decode threads each, so K workers do not oversubscribe the cores (or hold K x 2 windows)
             threads = 1
-            if hasattr(self.reader, "threads"):
-                base = getattr(self.reader, "_threads0", None) or self.reader.threads
-                self.reader._threads0 = base
-                self.reader.threads = max(1, base // max(k, 1))
+            self.reader.set_workers(k)
         if self.read_ahead > 0:
             source = _prefetch(tasks, self.read_ahead, threads)
         else:

@@ -141,8 +141,7 @@ def _check_config(cfg: BuildConfig) -> None:
     if not 0.0 <= cfg.min_coverage <= 1.0:
         raise InputError(f"--min-coverage {cfg.min_coverage}: must be between 0 and 1")
     zarr_store.make_codec(cfg.codec)
-    if cfg.x_dtype not in zarr_store.X_DTYPES:
-        raise InputError(f"--x-dtype {cfg.x_dtype!r}: expected one of {', '.join(zarr_store.X_DTYPES)}")
+    zarr_store.check_x_dtype(cfg.x_dtype)
     parse_matrix(cfg.matrix)
     parse_holdout(cfg.holdout)
 

@@ -51,6 +51,11 @@ def make_codec(name: str) -> Any:
     raise InputError(f"--codec {name!r}: expected one of {', '.join(CODECS)}")
 
 
+def check_x_dtype(x_dtype: str) -> None:
+    if x_dtype not in X_DTYPES:
+        raise InputError(f"--x-dtype {x_dtype!r}: expected one of {', '.join(X_DTYPES)}")
+
+
 def x_dtypes(csr: sp.csr_matrix, x_dtype: str = "auto") -> dict[str, np.dtype]:
     """The stored dtypes of X's arrays.
 
@@ -60,8 +65,7 @@ def x_dtypes(csr: sp.csr_matrix, x_dtype: str = "auto") -> dict[str, np.dtype]:
     decode and move; anndata reads them back as a scipy CSR with these dtypes.
     ``float32``: the classic int32 indices and float32 counts.
     """
-    if x_dtype not in X_DTYPES:
-        raise InputError(f"--x-dtype {x_dtype!r}: expected one of {', '.join(X_DTYPES)}")
+    check_x_dtype(x_dtype)
     if x_dtype == "float32":
         return {"indices": np.dtype(np.int32), "data": np.dtype(np.float32), "indptr": np.dtype(np.int64)}
     data = csr.data
