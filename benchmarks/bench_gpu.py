@@ -54,7 +54,7 @@ def run_preset(preset: str, family: str, corpus: Path, out: Path, nproc: int, st
            f"corpus={corpus}", f"out_dir={out / 'runs'}", f"name={name}", f"max_steps={steps}",
            f"model.family={family}", f"model.preset={preset}", "engine.zero_stage=2",
            f"engine.precision={'bf16' if cuda else 'fp32'}", f"data.batch_size={batch}", "data.backend=zarr",
-           "export_dir=null", "checkpoint.every_steps=1000000", "tracking.log_every=1", "tracking.progress=false",
+           "export=false", "checkpoint.every_steps=1000000", "tracking.log_every=1", "tracking.progress=false",
            "checkpoint.allow_fresh_start=true", "checkpoint.resume=never", "tracking.system_metrics=false"]
     env = {**os.environ}
     if not cuda:

@@ -93,6 +93,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512, metavar="N",
                    help="cells per forward pass (default 512)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--allow-normalized", action="store_true",
+                   help="use X as it is when no matrix holds raw integer counts (X, layers['counts'] and raw.X "
+                   "are tried in turn; without this flag non-integer or negative values are refused)")
+    p.add_argument("--sum-duplicates", action="store_true",
+                   help="add up the counts of duplicated gene names (default: refuse them)")
     p.add_argument("--quiet", action="store_true", help="print only results and errors")
 
 
@@ -110,12 +115,15 @@ def _query(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the annotated query")
 
 
-def _head(p: argparse.ArgumentParser, seed_help: str) -> None:
+def _head(p: argparse.ArgumentParser, seed_help: str, auto_mode: bool = True) -> None:
     p.add_argument("--head", choices=("auto", "linear", "mlp", "scbert"), default="auto",
                    help="head type (default auto: scbert for a Performer export, linear for an MAE export)")
-    p.add_argument("--mode", choices=("frozen", "partial", "full"), default="frozen",
-                   help="what trains besides the head: frozen = nothing (default), partial = the last "
-                   "--unfreeze encoder blocks (+ a Performer's final norm), full = the whole encoder")
+    modes = ("auto", "frozen", "partial", "full") if auto_mode else ("frozen", "partial", "full")
+    p.add_argument("--mode", choices=modes, default=modes[0],
+                   help="what trains besides the head: frozen = nothing, partial = the last --unfreeze encoder "
+                   "blocks (+ a Performer's final norm), full = the whole encoder"
+                   + ("; auto (default) fits frozen and full (MAE) or frozen and partial (Performer) and keeps "
+                      "the better on held-out reference cells" if auto_mode else " (default frozen)"))
     p.add_argument("--unfreeze", type=int, default=1, metavar="N",
                    help="encoder blocks --mode partial trains, counted from the top (default 1)")
     p.add_argument("--max-epochs", type=int, default=None, metavar="N",
@@ -139,6 +147,30 @@ def _head(p: argparse.ArgumentParser, seed_help: str) -> None:
                    help="p(true) - max p(other) below this is hard (default 0.2)")
     g.add_argument("--hard-weight", type=float, default=4.0, metavar="W",
                    help="loss weight of a hard cell in the second phase (default 4)")
+
+
+def _unassigned(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("Unassigned cells")
+    g.add_argument("--threshold", default="auto", metavar="P",
+                   help=f"minimum {what}, else 'Unassigned' (default auto: calibrated so that --reject-rate of "
+                   "held-out reference cells, whose type is known, would be rejected)")
+    g.add_argument("--reject-rate", type=float, default=0.05, metavar="F",
+                   help="with --threshold auto: the share of held-out known reference cells rejected at most "
+                   "(default 0.05)")
+    g.add_argument("--no-unassigned", action="store_true", help="label every cell (no rejection)")
+    g.add_argument("--no-baseline", action="store_true",
+                   help="skip the logistic regression baseline on held-out reference cells")
+
+
+def _threshold(args: argparse.Namespace) -> float | str | None:
+    if args.no_unassigned:
+        return None
+    if str(args.threshold).lower() == "auto":
+        return "auto"
+    try:
+        return float(args.threshold)
+    except ValueError:
+        raise EvaluateError(f"--threshold {args.threshold!r}: expected a number in [0, 1] or 'auto'") from None
 
 
 def _plots(p: argparse.ArgumentParser) -> None:
@@ -168,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _labelled(p)
     p.add_argument("--out", default=None, metavar="HEAD_DIR",
                    help="where to save (default: EXPORT/heads/KEY-HEAD-MODE, beside the export)")
-    _head(p, "seed of the validation split and the training")
+    _head(p, "seed of the validation split and the training", auto_mode=False)
 
     p = sub.add_parser("annotate", help="label a query with a head",
                        description="Label --query: fine-tune a head on --reference (or load one with "
@@ -177,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _labelled(p, reference_required=False)
     _query(p)
-    p.add_argument("--threshold", type=float, default=0.5, metavar="P",
-                   help="minimum top probability (default 0.5)")
+    _unassigned(p, "top probability")
     _head(p, "seed of the head's training")
     p.add_argument("--load-head", metavar="HEAD_DIR",
                    help="use a head saved by `finetune` (then no --reference is needed)")
@@ -193,8 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _labelled(p)
     _query(p)
     p.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
-    p.add_argument("--threshold", type=float, default=0.5, metavar="P",
-                   help="minimum vote fraction (default 0.5)")
+    _unassigned(p, "vote fraction")
     p.add_argument("--max-distance", default="auto", metavar="D",
                    help="neighbours farther than this cosine distance do not vote, so cells unlike any "
                    "reference cell become Unassigned (default auto: the reference's own 99th-percentile "
@@ -304,7 +334,8 @@ def run(args: argparse.Namespace) -> None:
     if verbose:
         print(f"loaded {model}")
     common = dict(layer=args.layer, min_coverage=args.min_coverage, batch_size=args.batch_size,
-                  device=args.device, verbose=verbose)
+                  device=args.device, verbose=verbose, allow_normalized=args.allow_normalized,
+                  sum_duplicates=args.sum_duplicates)
     if args.command == "embed":
         adata = _read(args.adata)
         embed(model, adata, **common)
@@ -329,8 +360,9 @@ def run(args: argparse.Namespace) -> None:
             extra["head"] = head
         else:
             extra = {"k": args.k, "head": "knn", "max_distance": _distance(args.max_distance)}
-        annotate(model, query, reference, args.label_key, threshold=args.threshold,
-                 reference_layer=args.reference_layer, plot_dir=args.plots, **extra, **common)
+        query = annotate(model, query, reference, args.label_key, threshold=_threshold(args),
+                         reject_rate=args.reject_rate, compare_baseline=not args.no_baseline,
+                         reference_layer=args.reference_layer, plot_dir=args.plots, **extra, **common)
         _write(query, args.out)
     elif args.command == "langcell":
         _run_langcell(args, model, common)

@@ -46,10 +46,13 @@ def compute_embeddings(
     device: str | torch.device | None = None,
     name: str = "adata",
     verbose: bool = True,
+    **align_kw: Any,
 ) -> tuple[np.ndarray, Coverage]:
-    """Embeddings [n_obs, d] (float32 numpy) and the gene coverage; ``adata`` is left unchanged."""
+    """Embeddings [n_obs, d] (float32 numpy) and the gene coverage; ``adata`` is left unchanged.
+
+    ``align_kw``: ``allow_normalized``, ``sum_duplicates`` (see ``evaluate.align.align_to_vocab``)."""
     counts, cov = align_to_vocab(adata, model.vocab, min_coverage=min_coverage, layer=layer, name=name,
-                                 verbose=verbose)
+                                 verbose=verbose, **align_kw)
     return embed_counts(model, counts, batch_size=batch_size, device=device), cov
 
 
@@ -61,6 +64,7 @@ def embed(
     min_coverage: float = 0.5,
     device: str | torch.device | None = None,
     verbose: bool = True,
+    **align_kw: Any,
 ) -> Any:
     """Write ``adata.obsm["X_<family>"]`` (float32 [n_obs, d]) from raw counts; returns ``adata``.
 
@@ -71,7 +75,7 @@ def embed(
     """
     model = as_export(model)
     emb, cov = compute_embeddings(model, adata, batch_size=batch_size, layer=layer, min_coverage=min_coverage,
-                                  device=device, verbose=verbose)
+                                  device=device, verbose=verbose, **align_kw)
     adata.obsm[model.embedding_key] = emb
     adata.uns["evaluate"] = {"export": str(model.path), "family": model.family,
                              "vocab_sha256": model.vocab_sha256, "coverage": cov.to_dict()}

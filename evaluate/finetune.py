@@ -373,6 +373,8 @@ def finetune(
     device: str | None = None,
     seed: int = 0,
     verbose: bool = True,
+    allow_normalized: bool = False,
+    sum_duplicates: bool = False,
     **fit_kwargs: Any,
 ) -> Classifier:
     """Fine-tune a classifier on the labelled cells of ``reference``; returns it.
@@ -389,7 +391,8 @@ def finetune(
     model = as_export(model)
     labels, rows = labels_of(reference, label_key)
     counts, _ = align_to_vocab(reference, model.vocab, min_coverage=min_coverage, layer=layer,
-                               name="reference", verbose=verbose)
+                               name="reference", verbose=verbose, allow_normalized=allow_normalized,
+                               sum_duplicates=sum_duplicates)
     clf = fit_classifier(model, counts[rows], labels, head, mode, unfreeze, seed=seed, device=device,
                          batch_size=batch_size, **fit_kwargs)
     if verbose:

@@ -18,7 +18,6 @@ annotates a query (:func:`genept_annotate`, ``python -m evaluate genept``).
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from evaluate.align import align_to_vocab, count_source, strip_version
+from scmodels.genes import ENSEMBL_ID
 from evaluate.errors import EvaluateError
 from evaluate.vectors import read_vectors
 
 WEIGHTS = ("log1p", "normalized", "counts")
-_ENSEMBL = re.compile(r"^ENS[A-Z]*\d{6,}(\.\d+)?$")
+_ENSEMBL = ENSEMBL_ID
 EMBEDDING_KEY = "X_genept"
 
 

@@ -370,6 +370,8 @@ def langcell_annotate(
     device: str | None = None,
     seed: int = 0,
     verbose: bool = True,
+    allow_normalized: bool = False,
+    sum_duplicates: bool = False,
     **fit_kwargs: Any,
 ) -> Any:
     """Zero-shot annotation of ``adata`` with a LangCell head on the export ``model``'s embeddings.
@@ -389,7 +391,8 @@ def langcell_annotate(
     if encoder is None:
         raise EvaluateError(NO_ENCODER)
     model = as_export(model)
-    align = dict(min_coverage=min_coverage, verbose=verbose)
+    align = dict(min_coverage=min_coverage, verbose=verbose, allow_normalized=allow_normalized,
+                 sum_duplicates=sum_duplicates)
     if head is None:
         if reference is None:
             raise EvaluateError("LangCell: pass a labelled reference to train on, or a saved head")

@@ -13,34 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
-from evaluate.align import align_to_vocab, count_source
-from evaluate.annotate import UNASSIGNED, assign, knn_proba, write_pictures
+from evaluate.align import align_to_vocab
+from evaluate.baseline import DESCRIPTION as LOGREG, log_normalize, logreg_predict  # noqa: F401
+from evaluate.annotate import UNASSIGNED, VAL_FRACTION, fit_best_mode, assign, knn_proba, write_pictures
 from evaluate.embedding import as_export, embed_counts
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export
-from evaluate.finetune import fit_classifier, labels_of, stratified_split
-
-
-def log_normalize(counts: Any, target_sum: float = 1e4) -> sp.csr_matrix:
-    """Scale each cell to ``target_sum`` counts, then natural log1p (scanpy's normalize_total + log1p)."""
-    x = sp.csr_matrix(counts, dtype=np.float64)
-    totals = np.asarray(x.sum(axis=1)).ravel()
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    x = sp.csr_matrix(sp.diags(scale) @ x)
-    x.data = np.log1p(x.data)
-    return x
-
-
-def logreg_predict(train_x: Any, train_y: np.ndarray, test_x: Any, seed: int = 0,
-                   max_iter: int = 1000) -> np.ndarray:
-    """Class-balanced multinomial logistic regression on log-normalized counts (the classical baseline)."""
-    from sklearn.linear_model import LogisticRegression  # lazily: keeps `import evaluate` light
-
-    clf = LogisticRegression(max_iter=max_iter, class_weight="balanced", random_state=seed)
-    clf.fit(log_normalize(train_x), train_y)
-    return clf.predict(log_normalize(test_x))
+from evaluate.finetune import labels_of, stratified_split
 
 
 def report(
@@ -52,7 +32,7 @@ def report(
     head: str = "auto",
     out_dir: str | Path | None = None,
     *,
-    mode: str = "frozen",
+    mode: str = "auto",
     unfreeze: int | list[int] = 1,
     k: int = 5,
     threshold: float = 0.5,
@@ -62,6 +42,8 @@ def report(
     batch_size: int = 512,
     device: str | None = None,
     verbose: bool = True,
+    allow_normalized: bool = False,
+    sum_duplicates: bool = False,
     **fit_kwargs: Any,
 ) -> dict[str, Any]:
     """Score the export on a held-out ``test_size`` of ``adata``'s labelled cells; returns the numbers.
@@ -82,21 +64,21 @@ def report(
         raise EvaluateError(f"adata: no class of obs[{label_key!r}] has 2 or more cells, so none can be "
                             "held out; report needs several labelled cells per class")
     counts, cov = align_to_vocab(adata, model.vocab, min_coverage=min_coverage, layer=layer, name="adata",
-                                 verbose=verbose)
+                                 verbose=verbose, allow_normalized=allow_normalized, sum_duplicates=sum_duplicates)
     counts = counts[rows]
     emb = embed_counts(model, counts, batch_size=batch_size, device=device)
     classes = sorted(set(labels.tolist()))
     y_tr, y_te = labels[train], labels[test]
 
-    clf = fit_classifier(model, counts[train], y_tr, head, mode, unfreeze, seed=seed, device=device,
-                         batch_size=batch_size, **fit_kwargs)
+    # the head's own validation cells (inside the training part) pick the mode: the test cells stay unseen
+    _, va = stratified_split(y_tr, VAL_FRACTION, seed)
+    clf, heldout, _ = fit_best_mode(model, counts[train], y_tr, va, head, mode, unfreeze, classes, seed=seed,
+                                device=device, batch_size=batch_size, verbose=verbose, fit_kwargs=fit_kwargs)
     head_proba, _ = clf.predict(counts[test], batch_size=batch_size, device=device)
     head_pred = np.asarray(clf.classes)[head_proba.argmax(axis=1)]
     knn_p, knn_classes = knn_proba(emb[train], y_tr, emb[test], k=k)
     knn_pred = np.asarray(knn_classes)[knn_p.argmax(axis=1)]
-    x, _, _, _ = count_source(adata, layer)
-    x = sp.csr_matrix(x)[rows]
-    lr_pred = logreg_predict(x[train], y_tr, x[test], seed=seed)
+    lr_pred = logreg_predict(counts[train], y_tr, counts[test], seed=seed)  # over the same genes
     values, n_per_class = np.unique(y_tr, return_counts=True)
     majority = str(values[n_per_class.argmax()])
 
@@ -105,14 +87,14 @@ def report(
     methods = {
         "head": (f"{clf.describe()} ({model.embedding_key})", head_pred),
         "knn": (f"kNN (k={k}, cosine) on {model.embedding_key}", knn_pred),
-        "logreg": ("logistic regression on log-normalized expression", lr_pred),
+        "logreg": (LOGREG, lr_pred),
         "majority": (f"majority class ({majority})", np.full(len(y_te), majority)),
     }
     rep: dict[str, Any] = {
         "export": str(model.path), "family": model.family, "label_key": label_key,
         "n_cells": int(len(labels)), "n_train": int(len(train)), "n_test": int(len(test)),
         "test_size": test_size, "seed": seed, "classes": classes, "coverage": cov.to_dict(),
-        "head": clf.kind, "mode": mode, "head_training": clf.head.training_info,
+        "head": clf.kind, "mode": clf.mode, "mode_choice": heldout, "head_training": clf.head.training_info,
         "head_unassigned_fraction": unassigned,
         "threshold": threshold,
         "methods": {name: {"description": desc, **classification_metrics(y_te, pred, classes)}
@@ -140,6 +122,11 @@ def format_table(rep: dict[str, Any]) -> str:
         lines.append(f"{m['description']:<{width}}  {m['accuracy']:>8.3f}  {m['macro_f1']:>8.3f}")
     lines.append(f"head: {rep['head_unassigned_fraction']:.1%} of held-out cells Unassigned at threshold "
                  f"{rep['threshold']}")
+    head, base = rep["methods"]["head"], rep["methods"]["logreg"]
+    if base["macro_f1"] > head["macro_f1"] + 1e-9:
+        lines.append(f"warning: the baseline beats the model on held-out cells (macro F1 {base['macro_f1']:.3f} vs "
+                     f"{head['macro_f1']:.3f}): logistic regression on log-normalized expression labels these "
+                     "cells better than this export")
     if "files" in rep:
         lines.append("wrote " + ", ".join(rep["files"].values()))
     return "\n".join(lines)

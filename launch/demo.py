@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     nproc = a.nproc if not torch.cuda.is_available() else max(1, min(a.nproc, torch.cuda.device_count()))
     corpus, inputs = out / "corpus", out / "inputs"
 
+    # a second `make demo` starts over: the demo's own outputs (not the MLflow store) are rebuilt
+    for own in [corpus, out / "annotation", *(out / "runs" / f"demo_{f}" for f in ("mae", "performer")),
+                *(out / "exports" / f"{f}_demo" for f in ("mae", "performer"))]:
+        if own.exists():
+            print(f"removing the previous demo's {own}")
+            shutil.rmtree(own)
     banner("1/4 corpus: real PBMC cells + a synthetic atlas -> Zarr shards + TileDB-SOMA")
     pbmc = inputs / "pbmc68k_counts.h5ad"
     pbmc_counts_h5ad(pbmc)

@@ -5,6 +5,8 @@ Nothing here imports deepspeed, mlflow, torch.distributed, tiledbsoma or zarr:
 an export must be usable with torch + performer-pytorch + safetensors only.
 """
 from scmodels.build import FAMILIES, build_model, embedding_key
+from scmodels.genes import normalize_gene_id
 from scmodels.preprocess import PreprocessSpec, csr_to_dense, preprocess
 
-__all__ = ["FAMILIES", "PreprocessSpec", "build_model", "csr_to_dense", "embedding_key", "preprocess"]
+__all__ = ["FAMILIES", "PreprocessSpec", "build_model", "csr_to_dense", "embedding_key", "normalize_gene_id",
+           "preprocess"]

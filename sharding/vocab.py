@@ -9,26 +9,21 @@ pairing used and the coverage are always reported.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from scmodels.genes import ENSEMBL_GENE_ID
+from scmodels.genes import normalize_gene_id as strip_version
 from sharding.errors import InputError
 
 # var columns that commonly hold stable ids or symbols (AnnData, CELLxGENE, 10x conventions)
 ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id", "ensembl_gene_id")
 SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name", "gene_names")
-_ENSEMBL = re.compile(r"^(ENS[A-Z]*G\d{6,})(\.\d+)?(.*)$")
+_ENSEMBL = ENSEMBL_GENE_ID
 _ENSEMBL_SHARE = 0.9  # a key "is Ensembl" when nearly all its values look like Ensembl gene ids
-
-
-def strip_version(gene_id: str) -> str:
-    """``ENSG00000141510.17`` -> ``ENSG00000141510``; a suffix like ``_PAR_Y`` is kept (a distinct gene)."""
-    m = _ENSEMBL.match(gene_id)
-    return m.group(1) + m.group(3) if m else gene_id
 
 
 def looks_ensembl(values: Sequence[str]) -> bool:
@@ -103,10 +98,8 @@ class SourceGenes:
         if self._keyed is None:
             self._keyed = []
             for name, values in self.candidates():
-                matches = [_ENSEMBL.match(v) for v in values]
-                ensembl = bool(values) and sum(m is not None for m in matches) >= _ENSEMBL_SHARE * len(values)
-                keys = ([m.group(1) + m.group(3) if m else v for m, v in zip(matches, values)] if ensembl
-                        else list(values))
+                ensembl = looks_ensembl(values)
+                keys = [strip_version(v) for v in values] if ensembl else list(values)
                 self._keyed.append((name, ensembl, keys))
         return self._keyed
 

@@ -122,7 +122,8 @@ class RunConfig:
     max_steps: int = 100  # the schedule's length
     stop_at_step: int | None = None  # end this launch early (checkpointed, resumable): preemption drills
     seed: int = 0
-    export_dir: str | None = None  # written at the end of training when set
+    export_dir: str | None = None  # where the export goes at the end (default: <out_dir>/<name>/export)
+    export: bool = True  # false: no export (benchmarks, drills)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -134,6 +135,16 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    @property
+    def export_path(self) -> Path | None:
+        """Where the run's export goes: ``export_dir``, else inside the run's own directory; None with export=false.
+
+        A run never writes outside ``out_dir`` unless a path is given (a copied config cannot
+        overwrite another run's export)."""
+        if not self.export:
+            return None
+        return Path(self.export_dir) if self.export_dir else self.run_dir / "export"
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:

@@ -229,12 +229,12 @@ def pretrain(cfg: RunConfig) -> dict:
     weights = full_state_dict(engine, cfg.engine.zero_stage)
     result = {"step": step, "cells_seen": cells, "final_loss": last_loss, "run_dir": str(run_dir)}
     if rank == 0:
-        if cfg.export_dir:
-            write_export(cfg.export_dir, weights, cfg.model.family, hparams_of(model), spec, vocab,
+        if cfg.export_path is not None:
+            write_export(cfg.export_path, weights, cfg.model.family, hparams_of(model), spec, vocab,
                          {"steps": step, "cells_seen": cells, "corpus_manifest_sha256": export_meta["corpus_manifest_sha256"],
                           "code_version": _git_rev(), "run": cfg.name})
-            tracker.artifact(Path(cfg.export_dir), "export")
-            result["export_dir"] = cfg.export_dir
+            tracker.artifact(cfg.export_path, "export")
+            result["export_dir"] = str(cfg.export_path)
         png = plot_loss(tracker.metrics_path, run_dir / "loss_curve.png", f"{cfg.name}: training loss")
         for art in (png, run_dir / "config.yaml", run_dir / "deepspeed_config.json", tracker.metrics_path):
             if art:

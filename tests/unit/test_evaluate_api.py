@@ -196,19 +196,22 @@ def test_below_min_coverage_is_refused_with_the_coverage():
     assert cov.fraction == 0.4
 
 
-def test_counts_from_layer_and_negative_values_refused():
+def test_counts_found_in_a_layer_and_negative_values_refused():
     adata = make_adata(2)
     adata.layers["counts"] = adata.X.copy()
     adata.X = adata.X.toarray() - 1.0  # e.g. scaled data in X
-    with pytest.raises(EvaluateError, match=r"X has .* negative values.*layer='counts'"):
-        align_to_vocab(adata, VOCAB, verbose=False)
-    out, _ = align_to_vocab(adata, VOCAB, layer="counts", verbose=False)
+    out, _ = align_to_vocab(adata, VOCAB, verbose=False)  # X holds no counts: layers['counts'] is taken
     np.testing.assert_array_equal(out.toarray(), adata.layers["counts"].toarray())
+    del adata.layers["counts"]
+    with pytest.raises(EvaluateError, match=r"no raw counts found \(X: .* negative values.*--layer"):
+        align_to_vocab(adata, VOCAB, verbose=False)
+    fractional = anndata.AnnData(np.full((2, 50), 0.5, np.float32), var=adata.var)
+    with pytest.raises(EvaluateError, match=r"non-integer values \(e\.g\. 0\.5"):
+        align_to_vocab(fractional, VOCAB, verbose=False)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        fractional = anndata.AnnData(np.full((2, 50), 0.5, np.float32), var=adata.var)
-        align_to_vocab(fractional, VOCAB, verbose=False)
-    assert any("non-integer" in str(x.message) for x in w)
+        out, _ = align_to_vocab(fractional, VOCAB, verbose=False, allow_normalized=True)
+    assert any("used as it is" in str(x.message) for x in w) and out.data.max() == 0.5
 
 
 def test_counts_from_raw_like_a_scanpy_object(exports):
@@ -217,8 +220,9 @@ def test_counts_from_raw_like_a_scanpy_object(exports):
     adata = counts[:, :10].copy()
     adata.raw = counts
     adata.X = np.log1p(adata.X.toarray())
-    with pytest.raises(EvaluateError, match=r"only 10/50"):
-        evaluate.embed(exports[0] / "mae", adata, verbose=False)
+    evaluate.embed(exports[0] / "mae", adata, verbose=False)  # not counts in X: raw.X is found and taken
+    np.testing.assert_array_equal(adata.obsm["X_mae"],
+                                  evaluate.embed(exports[0] / "mae", counts.copy(), verbose=False).obsm["X_mae"])
     evaluate.embed(exports[0] / "mae", adata, layer="raw", verbose=False)
     reference = evaluate.embed(exports[0] / "mae", counts, verbose=False).obsm["X_mae"]
     np.testing.assert_array_equal(adata.obsm["X_mae"], reference)

@@ -120,7 +120,7 @@ def test_cli_report_prints_table_and_writes_files(files):
     out = files / "report"
     # --no-umap: a fresh process would spend its first seconds compiling umap-learn (covered in-process)
     r = cli("report", "--export", files / "mae", "--adata", files / "ref.h5ad", "--label-key", "cell_type",
-            "--test-size", "0.3", "--seed", "0", "--out-dir", out, "--no-umap")
+            "--test-size", "0.3", "--seed", "0", "--out-dir", out, "--no-umap", "--mode", "frozen")
     assert r.returncode == 0, r.stderr
     for row in ("linear head on the frozen encoder (X_mae)", "kNN (k=5, cosine)", "logistic regression",
                 "majority class"):

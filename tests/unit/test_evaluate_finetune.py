@@ -261,7 +261,7 @@ def test_cells_of_a_type_absent_from_the_reference_are_unassigned(tmp_path, caps
                   f"{known:.0%} of {(~novel).sum()} known cells Unassigned, known accuracy {acc:.0%}")
     novel_rate, known_rate, known_acc = rates["knn"]
     assert novel_rate >= 0.8 and known_rate <= 0.2 and known_acc >= 0.8
-    # the distance rule is what flags them: plain vote fractions do not (nor does a softmax head)
+    # for kNN the distance rule is what flags them: plain vote fractions do not
     assert rates["knn, every neighbour votes"][0] < novel_rate
 
 
