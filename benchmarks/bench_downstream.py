@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         base = LogRegBaseline(seed=0).fit(ref.X, y_ref)
         b = classification_metrics(y_q, base.predict(q.X), classes)
         key = model.embedding_key
-        emb_ref = anndata.AnnData(ref.X.copy())
+        emb_ref = ref.copy()
         from evaluate import embed
 
         embed(model, emb_ref, verbose=False)
