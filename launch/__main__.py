@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 
 def plan(cfg, world_size: int) -> dict:
@@ -81,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from train.config import ConfigError, load_config
 
-    if a.nproc_per_node is None:
+    if a.nproc_per_node is None or a.nproc_per_node == 0:  # 0: what SLURM says on nodes without GPU GRES
         a.nproc_per_node = torch.cuda.device_count() or 2
+    if a.nproc_per_node < 0:
+        p.error(f"--nproc-per-node {a.nproc_per_node}: pass a positive number of processes per node")
     if a.nnodes > 1 and not a.rdzv_endpoint:
         p.error("--nnodes > 1 needs --rdzv-endpoint host:port")
     try:
@@ -101,7 +105,38 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd, env, cfg.run_dir / PREEMPTED_FILE)
+
+
+PREEMPTED_FILE = "preempted.json"
+
+
+def run_forwarding_signals(cmd: list[str], env: dict, marker: Path) -> int:
+    """Run the launcher; SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 to this process become SIGTERM to it.
+
+    torchrun's agent passes SIGTERM on to every worker (and waits for them); a warning signal
+    such as SLURM's ``--signal=USR1@120`` would kill the agent outright, so it is turned into
+    SIGTERM here. The workers then save the step they are on (train/preempt.py). Returns 75
+    (EXIT_PREEMPTED) when the run wrote its preemption marker after this launch started,
+    else the launcher's exit code.
+    """
+    import time
+
+    from train.preempt import EXIT_PREEMPTED
+
+    started = time.time()
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        print(f"[launch] {signal.Signals(signum).name}: asking the workers to checkpoint and stop", flush=True)
+        proc.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward)
+    rc = proc.wait()
+    if marker.exists() and marker.stat().st_mtime >= started:
+        return EXIT_PREEMPTED
+    return rc
 
 
 if __name__ == "__main__":

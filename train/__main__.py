@@ -30,10 +30,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from train.preempt import EXIT_PREEMPTED
     from train.trainer import pretrain
 
-    pretrain(cfg)
-    return 0
+    result = pretrain(cfg)
+    return EXIT_PREEMPTED if result.get("preempted") else 0
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, str]:

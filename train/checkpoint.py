@@ -17,10 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from sharding.manifest import write_atomic
-from train import faults
+from train import comm, faults
 
 MARKER = "COMMITTED"
 TRAINER_STATE = "trainer_state.json"
@@ -30,12 +29,8 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _all_ok(ok: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()):
-        return ok
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+def _device(engine) -> torch.device:
+    return getattr(engine, "device", None) or torch.device("cpu")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -60,7 +55,11 @@ def any_tags(root: Path) -> list[str]:
 def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[str, str], keep: int) -> bool:
     """Save on every rank; commit only if all ranks succeeded. Returns whether it committed."""
     tag = tag_of(step)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, device = comm.rank(), _device(engine)
+    marker = root / tag / MARKER
+    if rank == 0 and marker.exists():  # re-saving a step: it is not committed until this save is
+        marker.unlink()
+    comm.barrier()
     ok = True
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -71,31 +70,31 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[s
     except Exception as e:  # noqa: BLE001 - any failure on any rank means "not committed"
         print(f"[rank {rank}] checkpoint {tag} failed: {e!r}", flush=True)
         ok = False
-    ok = _all_ok(ok)
+    ok = comm.agree(ok, device)
     if ok and rank == 0:
-        _atomic_write(root / tag / MARKER, json.dumps({"step": step}))
+        _atomic_write(marker, json.dumps({"step": step}))
         for old in committed_tags(root)[keep:]:
             shutil.rmtree(root / old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     return ok
 
 
 def load_latest(engine, root: Path, resume: str, allow_fresh_start: bool) -> dict | None:
     """Load the newest committed checkpoint that every rank can load; returns its trainer state.
 
-    Returns None only when starting fresh is legitimate (no checkpoints, or explicitly allowed).
+    Which checkpoints exist is read on rank 0 and broadcast: every rank tries the same tags in
+    the same order even if their views of a shared filesystem differ. Returns None only when
+    starting fresh is legitimate (no checkpoints, or explicitly allowed).
     """
-    tags = committed_tags(root)
-    present = any_tags(root)
+    tags, present = comm.broadcast_object((committed_tags(root), any_tags(root)))
     if resume == "never" or not present:
         if present and not allow_fresh_start:
             raise CheckpointError(
                 f"{root}: {len(present)} checkpoint(s) exist but checkpoint.resume=never; "
                 "set checkpoint.allow_fresh_start=true to start from step 0 anyway, or use another out_dir")
         return None
+    rank, device = comm.rank(), _device(engine)
     for tag in tags:
-        rank = dist.get_rank() if dist.is_initialized() else 0
         ok, state = True, None
         try:
             path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
@@ -105,7 +104,7 @@ def load_latest(engine, root: Path, resume: str, allow_fresh_start: bool) -> dic
         except Exception as e:  # noqa: BLE001
             print(f"[rank {rank}] checkpoint {tag} unusable: {e!r}; trying an older one", flush=True)
             ok = False
-        if _all_ok(ok):
+        if comm.agree(ok, device):
             return state
     if allow_fresh_start:
         return None

@@ -48,3 +48,38 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, device
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds_cfg)
     return engine, ds_cfg
+
+
+class CastInputs:
+    """The engine as the objectives call it, for bf16 training: floating inputs are cast to the
+    parameters' dtype (DeepSpeed casts the weights, not the batch) and floating outputs come back
+    as float32, so losses, masks and metrics are computed in fp32. Everything else (``backward``,
+    ``module``, ``train()``) is the engine's."""
+
+    def __init__(self, engine, dtype: torch.dtype):
+        self._engine, self._dtype = engine, dtype
+
+    def __call__(self, *args, **kwargs):
+        def cast(v):
+            return v.to(self._dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+        out = self._engine(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+        return _to_fp32(out)
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+
+def _to_fp32(out):
+    if torch.is_tensor(out):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return {k: _to_fp32(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_fp32(v) for v in out)
+    return out
+
+
+def forward_view(engine, cfg: RunConfig, device_type: str):
+    """What the objectives call: the engine itself in fp32, ``CastInputs`` around it in bf16."""
+    return CastInputs(engine, torch.bfloat16) if use_bf16(cfg, device_type) else engine

@@ -29,3 +29,22 @@ def maybe_kill(point: str, rank: int, step: int) -> None:
     if spec and spec["kind"] == point and spec.get("rank") == rank and spec.get("step") == step:
         print(f"[fault] {point}: SIGKILL rank {rank} at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(rank: int, step: int) -> None:
+    """``SCPRETRAIN_FAULT="signal:rank=1:step=5:sig=10"``: send signal ``sig`` (default SIGTERM) to this rank's own
+    process after step 5 (a preemption warning that reached one rank only)."""
+    spec = _spec()
+    if spec and spec["kind"] == "signal" and spec.get("rank") == rank and spec.get("step") == step:
+        sig = spec.get("sig", int(signal.SIGTERM))
+        print(f"[fault] signal: {signal.Signals(sig).name} to rank {rank} after step {step}", flush=True)
+        os.kill(os.getpid(), sig)
+
+
+def maybe_sleep() -> None:
+    """``SCPRETRAIN_FAULT="slow:ms=300"``: every step takes 300 ms longer (room to deliver a signal mid-run)."""
+    spec = _spec()
+    if spec and spec["kind"] == "slow":
+        import time
+
+        time.sleep(spec.get("ms", 100) / 1000)

@@ -68,10 +68,10 @@ class Tracker:
             else:
                 self.mlflow.log_artifact(str(path), artifact_path=subdir)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         if self.active:
             self._file.close()
-            self.mlflow.end_run()
+            self.mlflow.end_run(status=status)
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -19,10 +19,11 @@ import yaml
 from data_loader import MixedLoader, StreamingLoader, model_inputs
 from scmodels.build import build_model, default_preprocessing, export_module, hparams_of
 from sharding.manifest import read_manifest, read_vocab
-from train import checkpoint, faults, objectives
+from train import checkpoint, comm, faults, objectives
 from train.config import RunConfig, resolve_model_params
-from train.engine import build_engine
+from train.engine import build_engine, forward_view
 from train.export import write_export
+from train.preempt import EXIT_PREEMPTED, SignalWatch
 from train.tracking import Tracker, plot_loss
 
 
@@ -158,6 +159,7 @@ def pretrain(cfg: RunConfig) -> dict:
     else:
         loader = StreamingLoader(corpus, **common)
     engine, ds_cfg = build_engine(cfg, model, world, device.type)
+    fwd = forward_view(engine, cfg, device.type)  # bf16: inputs cast in, outputs fp32 out
     run_dir, ckpt_root = cfg.run_dir, cfg.run_dir / "checkpoints"
     state = checkpoint.load_latest(engine, ckpt_root, cfg.checkpoint.resume, cfg.checkpoint.allow_fresh_start)
     step, cells = (state["step"], state["cells_seen"]) if state else (0, 0)
@@ -181,6 +183,8 @@ def pretrain(cfg: RunConfig) -> dict:
     engine.train()
     stop_at = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     last_save = time.monotonic()
+    watch = SignalWatch(cfg.checkpoint.save_on_signal)
+    preempted, committed = None, False
     while step < stop_at:
         t0, batches.wait = time.perf_counter(), 0.0
         for micro in range(cfg.engine.grad_accum):
@@ -188,7 +192,7 @@ def pretrain(cfg: RunConfig) -> dict:
             inputs = model_inputs(batch, len(vocab), spec, device)
             torch.manual_seed(cfg.seed * 100_003 + rank * 7_919 + step)  # dropout: a function of the step
             gen = objectives.step_generator(cfg.seed, rank, step * cfg.engine.grad_accum + micro, device)
-            loss, extra = train_step(engine, cfg, inputs, gen)
+            loss, extra = train_step(fwd, cfg, inputs, gen)
             engine.backward(loss)
             engine.step()
             objectives.after_step(engine)  # EMA targets (BYOL) follow applied optimizer steps
@@ -210,21 +214,42 @@ def pretrain(cfg: RunConfig) -> dict:
                 bar.set_postfix(loss=f"{last_loss:.4f}", cells_s=f"{metrics['cells_per_s']:.0f}")
         if bar is not None:
             bar.update(1)
-        if step % cfg.checkpoint.every_steps == 0 or step == stop_at or _time_to_save(cfg, last_save):
+        faults.maybe_signal(rank, step)
+        faults.maybe_sleep()
+        if comm.agree(watch.requested, device, everyone=False):  # a signal on any rank stops every rank here
+            preempted = watch.received or "a signal on another rank"
+            stop_at = step
+        if step % cfg.checkpoint.every_steps == 0 or step == stop_at or _time_to_save(cfg, last_save, device):
             last_save = time.monotonic()
             tstate = {"step": step, "cells_seen": cells, "stream": loader.state_dict(),
                       "mlflow_run_id": tracker.run_id}
-            assert_buffers_in_sync(engine.module)
-            checkpoint.save(engine, ckpt_root, step, tstate, {"export_meta.json": json.dumps(export_meta)},
-                            cfg.checkpoint.keep)
+            assert_buffers_in_sync(engine.module, device)
+            committed = checkpoint.save(engine, ckpt_root, step, tstate,
+                                        {"export_meta.json": json.dumps(export_meta)}, cfg.checkpoint.keep)
         if eval_loader is not None and ((cfg.tracking.eval_every and step % cfg.tracking.eval_every == 0)
                                         or step == cfg.max_steps):
-            tracker.log(step, evaluate_heldout(engine, cfg, eval_loader, len(vocab), spec, device))
+            tracker.log(step, evaluate_heldout(fwd, cfg, eval_loader, len(vocab), spec, device))
     if bar is not None:
         bar.close()
+    if preempted is not None:
+        if not committed:
+            raise checkpoint.CheckpointError(f"{preempted}: the checkpoint of step {step} did not commit; the next "
+                                             "start resumes from the previous committed one")
+        if rank == 0:
+            (run_dir / "preempted.json").write_text(json.dumps({"signal": preempted, "step": step,
+                                                               "checkpoint": str(ckpt_root / checkpoint.tag_of(step))}))
+            print(f"[train] {preempted}: stopped after step {step} and committed checkpoint "
+                  f"{ckpt_root / checkpoint.tag_of(step)}; resume with the same command (exit {EXIT_PREEMPTED})",
+                  flush=True)
+        tracker.close(status="KILLED")  # the resumed run continues this MLflow run
+        comm.barrier()
+        watch.restore()
+        return {"step": step, "cells_seen": cells, "final_loss": last_loss, "stopped_early": True,
+                "preempted": preempted}
+    watch.restore()
     if step < cfg.max_steps:  # stopped early on purpose: checkpointed, nothing to export
         tracker.close()
-        dist.barrier()
+        comm.barrier()
         return {"step": step, "cells_seen": cells, "final_loss": last_loss, "stopped_early": True}
     weights = full_state_dict(engine, cfg.engine.zero_stage)
     result = {"step": step, "cells_seen": cells, "final_loss": last_loss, "run_dir": str(run_dir)}
@@ -241,7 +266,7 @@ def pretrain(cfg: RunConfig) -> dict:
                 tracker.artifact(art)
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     tracker.close()
-    dist.barrier()
+    comm.barrier()
     return result
 
 
@@ -270,12 +295,11 @@ def evaluate_heldout(engine, cfg: RunConfig, loader: StreamingLoader, n_genes: i
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     keys = sorted(sums)
-    t = torch.tensor([sums[k] / max(n, 1) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {f"eval_{k}": float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+    t = comm.mean([sums[k] / max(n, 1) for k in keys], device)
+    return {f"eval_{k}": float(v) for k, v in zip(keys, t)}
 
 
-def assert_buffers_in_sync(module: torch.nn.Module) -> None:
+def assert_buffers_in_sync(module: torch.nn.Module, device: torch.device | str = "cpu") -> None:
     """Buffers (FAVOR+ projections, redraw counters) must be identical on every rank: DeepSpeed
     synchronises parameters, not buffers. Raises naming the first buffer that differs."""
     named = [(n, b) for n, b in module.named_buffers() if b.is_floating_point() or b.dtype == torch.long]
@@ -283,22 +307,18 @@ def assert_buffers_in_sync(module: torch.nn.Module) -> None:
         return
     sig = torch.tensor([float(b.double().sum()) + float((b.double() ** 2).sum()) for _, b in named],
                        dtype=torch.float64)
-    allsig = [torch.zeros_like(sig) for _ in range(dist.get_world_size())]
-    dist.all_gather(allsig, sig)
+    allsig = comm.gather(sig, device)
     for r, other in enumerate(allsig):
         if not torch.equal(other, allsig[0]):
             bad = named[int((other != allsig[0]).nonzero()[0])][0]
             raise RuntimeError(f"buffer {bad!r} differs between rank 0 and rank {r}: ranks have diverged")
 
 
-def _time_to_save(cfg: RunConfig, last_save: float) -> bool:
+def _time_to_save(cfg: RunConfig, last_save: float, device: torch.device) -> bool:
     """Wall-clock checkpoints: rank 0's clock decides for everyone (ranks must save together)."""
     if not cfg.checkpoint.every_minutes:
         return False
-    due = torch.tensor([1 if dist.get_rank() == 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes
-                        else 0])
-    dist.broadcast(due, src=0)
-    return bool(due.item())
+    return comm.from_rank0(time.monotonic() - last_save >= 60 * cfg.checkpoint.every_minutes, device)
 
 
 def _memory(device: torch.device) -> dict:
@@ -317,9 +337,7 @@ def _manifest_hash(corpus: Path) -> str:
 
 
 def _mean_across_ranks(t: torch.Tensor) -> float:
-    t = t.clone()
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return float(comm.mean(t.detach().double(), t.device)[0])
 
 
 def _progress(cfg: RunConfig, rank: int, step: int):

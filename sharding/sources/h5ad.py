@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import h5py
+import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
@@ -63,7 +64,13 @@ class H5adSource(Source):
 
     def _read_obs_elem(self, key: str) -> Any:
         try:
-            return read_elem(self.file["obs"][key])
+            elem = self.file["obs"][key]
+            ref = elem.attrs.get("categories") if isinstance(elem, h5py.Dataset) else None
+            if ref is not None:  # anndata < 0.8 files: int codes, categories behind an object reference
+                cats = self.file[ref][...]
+                cats = [c.decode() if isinstance(c, bytes) else c for c in cats.tolist()]
+                return pd.Categorical.from_codes(elem[...].astype(np.int64), categories=cats)
+            return read_elem(elem)
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
             raise InputError(f"{self.path}: cannot read obs['{key}'] ({exc}); the file is truncated or "
                              "corrupt (re-export or re-download it)") from None
