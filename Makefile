@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test clean bench-loader bench-corpus bench-annotation bench-gpu
+.PHONY: setup demo test clean bench-loader bench-corpus bench-annotation bench-gpu bench-real bench-downstream
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -40,3 +40,11 @@ bench-annotation: setup
 
 bench-gpu: setup
 	$(PY) -m benchmarks.bench_gpu
+
+# Real cells (Kang 2018 PBMCs, downloaded once into ~/.cache/scpretrain): pretrain on CTRL, annotate STIM
+bench-real: setup
+	$(PY) -m benchmarks.bench_real
+
+# evaluate annotate's defaults on a dataset the demo exports never saw (run make demo first)
+bench-downstream: setup
+	$(PY) -m benchmarks.bench_downstream --exports demo_out/exports/mae_demo demo_out/exports/performer_demo

@@ -9,6 +9,7 @@ Batch "A" is the reference, batch "B" the query.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,7 @@ LINEAGE = (0, 0, 0, 0, 1, 1, 2, 2)
 SHARES = np.array([0.30, 0.20, 0.15, 0.12, 0.10, 0.07, 0.04, 0.02])
 
 
-def make(genes: list[str], n_cells: int = 4000, seed: int = 7) -> "anndata.AnnData":  # noqa: F821
+def make(genes: list[str], n_cells: int = 4000, seed: int = 7) -> Any:
     import anndata
 
     rng = np.random.default_rng(seed)

@@ -8,7 +8,6 @@ of silently producing embeddings of mostly-zero cells.
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any

@@ -204,7 +204,7 @@ def annotate(
     from evaluate.align import nonempty_cells
     from evaluate.baseline import LogRegBaseline
     from evaluate.classifier import as_classifier
-    from evaluate.finetune import fit_classifier, labels_of, stratified_split
+    from evaluate.finetune import labels_of, stratified_split
 
     model = as_export(model)
     head = _resolve_head(head)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from evaluate.align import align_to_vocab
-from evaluate.baseline import DESCRIPTION as LOGREG, log_normalize, logreg_predict  # noqa: F401
+from evaluate.baseline import DESCRIPTION as LOGREG
+from evaluate.baseline import log_normalize, logreg_predict  # noqa: F401  (importable from here, as before)
 from evaluate.annotate import UNASSIGNED, VAL_FRACTION, fit_best_mode, assign, knn_proba, write_pictures
 from evaluate.embedding import as_export, embed_counts
 from evaluate.errors import EvaluateError

@@ -64,6 +64,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[s
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         faults.maybe_kill("kill_in_save", rank, step)
+        faults.maybe_signal(rank, step, "signal_in_save")
         if rank == 0:
             for name, text in {TRAINER_STATE: json.dumps(trainer_state), **extra_files}.items():
                 _atomic_write(root / tag / name, text)

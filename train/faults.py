@@ -31,13 +31,15 @@ def maybe_kill(point: str, rank: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_signal(rank: int, step: int) -> None:
+def maybe_signal(rank: int, step: int, point: str = "signal") -> None:
     """``SCPRETRAIN_FAULT="signal:rank=1:step=5:sig=10"``: send signal ``sig`` (default SIGTERM) to this rank's own
-    process after step 5 (a preemption warning that reached one rank only)."""
+    process after step 5 (a preemption warning that reached one rank only); ``signal_in_save:...`` sends it
+    inside the save of step 5, after DeepSpeed wrote its files and before the ranks agree to commit."""
     spec = _spec()
-    if spec and spec["kind"] == "signal" and spec.get("rank") == rank and spec.get("step") == step:
+    if spec and spec["kind"] == point and spec.get("rank") == rank and spec.get("step") == step:
         sig = spec.get("sig", int(signal.SIGTERM))
-        print(f"[fault] signal: {signal.Signals(sig).name} to rank {rank} after step {step}", flush=True)
+        where = "inside the save of" if point == "signal_in_save" else "after"
+        print(f"[fault] {point}: {signal.Signals(sig).name} to rank {rank} {where} step {step}", flush=True)
         os.kill(os.getpid(), sig)
 
 

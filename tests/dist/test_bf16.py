@@ -17,7 +17,7 @@ pytestmark = pytest.mark.dist
 ])
 def test_bf16_trains_both_families(tmp_path, small_corpus, config, extra):
     name = "bf16"
-    p = torchrun(config, base(tmp_path, small_corpus, name, 12, ["engine.precision=bf16", "export=false",
+    torchrun(config, base(tmp_path, small_corpus, name, 12, ["engine.precision=bf16", "export=false",
                                                                    "checkpoint.every_steps=100", *extra]))
     losses = [r["loss"] for r in metrics(tmp_path / "runs" / name) if "loss" in r]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses), losses

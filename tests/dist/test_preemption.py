@@ -68,3 +68,18 @@ def test_sigusr1_to_one_rank_only_stops_every_rank_at_one_agreed_step(tmp_path, 
     p2 = torchrun(CFG, args)
     assert "resumed at step 5" in p2.stdout + p2.stderr
     assert [r["loss"] for r in metrics(run) if "loss" in r] == [r["loss"] for r in reference if "loss" in r]
+
+
+def test_a_signal_during_a_save_leaves_it_committed_then_stops_at_the_next_step(tmp_path, small_corpus,
+                                                                                  reference):
+    # SIGTERM lands inside the periodic save of step 6 on rank 0: that save still commits (the handler only
+    # records the signal), the ranks stop after step 7 with its checkpoint, and the resume is exact
+    args = base(tmp_path, small_corpus, "insave", STEPS, ["checkpoint.every_steps=6"])
+    p = torchrun(CFG, args, env={"SCPRETRAIN_FAULT": "signal_in_save:rank=0:step=6"}, check=False)
+    out = p.stdout + p.stderr
+    run = tmp_path / "runs" / "insave"
+    assert "[fault] signal_in_save: SIGTERM to rank 0 inside the save of step 6" in out
+    assert _committed(run) == [6, 7] and json.loads((run / "preempted.json").read_text())["step"] == 7
+    p2 = torchrun(CFG, args)
+    assert "resumed at step 7" in p2.stdout + p2.stderr
+    assert [r["loss"] for r in metrics(run) if "loss" in r] == [r["loss"] for r in reference if "loss" in r]

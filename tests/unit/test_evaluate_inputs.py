@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import anndata
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 
 from evaluate.annotate import calibrate_threshold
 from scmodels.genes import normalize_gene_id
-from tests.unit.test_evaluate_cli import TYPES, VOCAB, _adata, cli, files  # noqa: F401  (module fixture)
+from tests.unit.test_evaluate_cli import _adata, cli, files  # noqa: F401, F811  (files: the module fixture)
 
 
 @pytest.mark.parametrize("raw, normalized", [
