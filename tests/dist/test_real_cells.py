@@ -48,16 +48,14 @@ def test_real_cells_build_stream_pretrain_embed_annotate(kang, tmp_path):
     assert man["n_cells"] == src.n_obs and man["n_genes"] == src.n_vars  # symbols as the vocabulary
     # stream: every cell once, counts equal to the source row of the same cell id
     loader = StreamingLoader(corpus, batch_size=64, seed=0, rank=0, world_size=1, obs_columns=["seurat_annotations"])
-    x = sp.csr_matrix(src.X)
-    row_of = {c: i for i, c in enumerate(src.obs_names)}
+    x = sp.csr_matrix(src.X)  # one source: a cell's cell_id is its row in the source
     vocab = [line.split("\t")[0] for line in (corpus / "vocab.tsv").read_text().splitlines()[1:]]
     col_of = np.array([list(src.var_names).index(g) for g in vocab])
     seen = 0
     for batch in loader:
         ip, ind, val = (batch[k].numpy() for k in ("indptr", "indices", "data"))
-        for j, cid in enumerate(batch["cell_id"]):
-            cid = str(cid)
-            want = x[row_of[cid]]
+        for j, cid in enumerate(batch["cell_id"].tolist()):
+            want = x[int(cid)]
             got = np.zeros(src.n_vars)
             got[col_of[ind[ip[j]:ip[j + 1]].astype(np.int64)]] = val[ip[j]:ip[j + 1]]
             np.testing.assert_array_equal(got, want.toarray().ravel())
