@@ -18,6 +18,8 @@ from pathlib import Path
 
 def plan(cfg, world_size: int) -> dict:
     """Batch arithmetic and a per-rank memory estimate (weights, grads, Adam states by ZeRO stage)."""
+    if world_size < 1:
+        raise ValueError(f"world size {world_size}: pass --nnodes and --nproc-per-node of at least 1")
     from scmodels.build import build_model
     from sharding.manifest import read_vocab
     from train.config import resolve_model_params
@@ -111,33 +113,49 @@ def main(argv: list[str] | None = None) -> int:
 PREEMPTED_FILE = "preempted.json"
 
 
-def run_forwarding_signals(cmd: list[str], env: dict, marker: Path) -> int:
-    """Run the launcher; SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 to this process become SIGTERM to it.
+def run_forwarding_signals(cmd: list[str], env: dict, marker: Path, grace: float = 600.0) -> int:
+    """Run the launcher; the first SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 to this process becomes one SIGTERM to it.
 
     torchrun's agent passes SIGTERM on to every worker (and waits for them); a warning signal
-    such as SLURM's ``--signal=USR1@120`` would kill the agent outright, so it is turned into
-    SIGTERM here. The workers then save the step they are on (train/preempt.py). Returns 75
-    (EXIT_PREEMPTED) when the run wrote its preemption marker after this launch started,
-    else the launcher's exit code.
+    such as SLURM's ``--signal=USR1@180`` would kill the agent outright, so it is turned into
+    SIGTERM here, once (a second SIGTERM can make the agent give up waiting). Workers still
+    running when the agent exits (it may, when the scheduler signals it directly too) are waited
+    for, up to ``grace`` seconds, so that this process, which the scheduler tracks, outlives their
+    save. Returns 75 (EXIT_PREEMPTED) when the run wrote its preemption marker after this launch
+    started, else the launcher's exit code.
     """
     import time
+
+    import psutil
 
     from train.preempt import EXIT_PREEMPTED
 
     started = time.time()
     proc = subprocess.Popen(cmd, env=env)
+    forwarded: list[psutil.Process] = []
 
     def forward(signum: int, _frame: object) -> None:
-        print(f"[launch] {signal.Signals(signum).name}: asking the workers to checkpoint and stop", flush=True)
+        name = signal.Signals(signum).name
+        if forwarded:
+            print(f"[launch] {name}: a checkpoint is already being taken", flush=True)
+            return
+        print(f"[launch] {name}: asking the workers to checkpoint and stop", flush=True)
+        try:
+            forwarded.extend(psutil.Process(proc.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+        forwarded.append(psutil.Process(os.getpid()))  # marks "forwarded" even if the list is empty
         proc.send_signal(signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, forward)
     rc = proc.wait()
+    workers = [p for p in forwarded if p.pid != os.getpid()]
+    if workers:
+        psutil.wait_procs(workers, timeout=grace)
     if marker.exists() and marker.stat().st_mtime >= started:
         return EXIT_PREEMPTED
     return rc
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -308,7 +308,10 @@ def test_knn_annotation_needs_no_training(exports, family):
     prob = query.obs["predicted_cell_type_probability"].to_numpy()
     pred = query.obs["predicted_cell_type"].astype(str).to_numpy()
     np.testing.assert_allclose(prob * 5, np.round(prob * 5), atol=1e-5)  # vote fractions of 5 neighbours
-    assert np.array_equal(pred == UNASSIGNED, prob < 0.5)
+    info = query.uns["evaluate"]
+    assert info["calibration"]["method"] == "leave-one-out reference cells"  # 60 reference cells, each left out
+    assert info["calibration"]["n_cells"] == 60 and info["calibration"]["heldout_reject_rate"] <= 0.05
+    assert np.array_equal(pred == UNASSIGNED, prob < info["threshold"])
     if family == "mae":  # a random Performer's mean-pooled embedding barely sees which genes are high
         assert (pred == query.obs["cell_type"].to_numpy()).mean() > 0.8
 

@@ -1,0 +1,101 @@
+"""The SLURM path on a real one-node Slurm started on this machine (launch/local_slurm.py; issue 25):
+submit -> finish -> export; the warning signal and `scontrol requeue` -> a committed checkpoint of the step,
+the job requeued, the second run resumes there and finishes with the losses of an uninterrupted run.
+Skipped, with the reason, only where Slurm cannot start (no root, no package access)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.dist.test_pretrain_dist import base, metrics, torchrun
+
+pytestmark = pytest.mark.dist
+CFG = "configs/pretrain/demo_mae.yaml"
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from launch import local_slurm
+
+    d = tmp_path_factory.mktemp("slurm")
+    try:
+        env = local_slurm.start(d)
+    except (local_slurm.SlurmUnavailable, OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"no local Slurm here: {e}")
+    yield {**os.environ, **env, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    local_slurm.stop(d)
+
+
+def submit(env: dict, tmp: Path, args: list[str], extra_env: dict | None = None) -> str:
+    p = subprocess.run(["sbatch", "--parsable", "--cpus-per-task", "2", "--chdir", str(REPO), "--output",
+                        str(tmp / "slurm-%j.out"), "launch/slurm.sbatch", CFG, *args],
+                       env={**env, **(extra_env or {})}, capture_output=True, text=True, check=True)
+    return p.stdout.strip().split(";")[0]
+
+
+def job(env: dict, jid: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", jid], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def logged_step(run: Path) -> int:
+    if not (run / "metrics.jsonl").exists():
+        return 0
+    return max([r["step"] for r in metrics(run) if "loss" in r] or [0])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_corpus):
+    tmp = tmp_path_factory.mktemp("ref")
+    torchrun(CFG, base(tmp, small_corpus, "ref", STEPS, ["checkpoint.every_steps=1000"]))
+    return [r["loss"] for r in metrics(tmp / "runs" / "ref") if "loss" in r]
+
+
+def test_sbatch_on_a_cpu_partition_finishes_and_exports(slurm, tmp_path, small_corpus):
+    jid = submit(slurm, tmp_path, base(tmp_path, small_corpus, "sb", 4) + [f"export_dir={tmp_path / 'export'}"])
+    wait_for(lambda: job(slurm, jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 300, "the job")
+    log = (tmp_path / f"slurm-{jid}.out").read_text()
+    assert job(slurm, jid)["JobState"] == "COMPLETED", log[-3000:]
+    assert "0 GPU(s), 2 process(es) per node" in log
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["provenance"]["steps"] == 4
+
+
+@pytest.mark.parametrize("how", ["warning", "requeue"])
+def test_preempted_job_is_requeued_and_resumes_exactly(slurm, tmp_path, small_corpus, reference, how):
+    name = f"pre_{how}"
+    run = tmp_path / "runs" / name
+    jid = submit(slurm, tmp_path, base(tmp_path, small_corpus, name, STEPS, ["checkpoint.every_steps=1000"]),
+                 {"SCPRETRAIN_FAULT": "slow:ms=300"})
+    wait_for(lambda: logged_step(run) >= 3, 300, "step 3 of the first run")
+    if how == "warning":  # what --signal=B:USR1@180 does before the time limit
+        subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
+    else:  # what preemption does: SIGTERM to every process of the job, requeue by Slurm
+        subprocess.run(["scontrol", "requeue", jid], env=slurm, check=True)
+    wait_for(lambda: (run / "preempted.json").exists(), 120, "the preemption checkpoint")
+    saved = json.loads((run / "preempted.json").read_text())
+    ck = run / "checkpoints" / f"step-{saved['step']:08d}"
+    wait_for(lambda: (ck / "COMMITTED").exists(), 60, "the commit marker")
+    assert 3 <= saved["step"] < STEPS
+    wait_for(lambda: job(slurm, jid).get("JobState") == "COMPLETED", 420, "the requeued job to finish")
+    info, log = job(slurm, jid), (tmp_path / f"slurm-{jid}.out").read_text()
+    assert int(info["Restarts"]) == 1, log[-3000:]
+    assert f"resumed at step {saved['step']}" in log and "(restart 1)" in log
+    losses = [r["loss"] for r in metrics(run) if "loss" in r]
+    assert losses == reference  # every step once, the same cells as an uninterrupted run
