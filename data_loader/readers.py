@@ -200,6 +200,7 @@ class ZarrReader:
         self.root = Path(corpus)
         self.paths = [self.root / s["path"] for s in manifest["zarr"]["shards"]]
         self.sizes = [int(s["n_cells"]) for s in manifest["zarr"]["shards"]]
+        self.nnz = [s.get("nnz") for s in manifest["zarr"]["shards"]]
         self.obs_columns = list(obs_columns)
         # every batch carries the corpus's widest stored dtypes (older corpora: whatever the shards hold)
         self.dtypes = {k: np.dtype(v) for k, v in (manifest["zarr"].get("dtypes") or {}).items()}
@@ -280,12 +281,27 @@ class ZarrReader:
 
         self._executor()
         path = self.paths[shard]
-        arrs = {"indptr": np.asarray(ChunkedArray(path / "X" / "indptr")[:], dtype=np.int64),
+        indptr = np.asarray(ChunkedArray(path / "X" / "indptr")[:], dtype=np.int64)
+        want = self.nnz[shard]
+        if want is not None and (len(indptr) != self.sizes[shard] + 1 or int(indptr[-1]) != int(want)):
+            raise OSError(f"{path}: X/indptr holds {len(indptr) - 1} cells and {int(indptr[-1])} non-zeros, the "
+                          f"manifest {self.sizes[shard]} and {want}; the shard is damaged or from another build: "
+                          f"run `python -m sharding verify {self.root}` and rebuild the corpus")
+        arrs = {"indptr": indptr,
                 "indices": ChunkedArray(path / "X" / "indices", self._pool),
                 "data": ChunkedArray(path / "X" / "data", self._pool),
                 "cell_id": np.asarray(self._obs_column(path, "cell_id"), dtype=np.int64),
                 "obs": {c: self._obs_column(path, c) for c in self.obs_columns}}
         return arrs
+
+    def check_files(self) -> None:
+        """Every chunk file of every shard's X/indices and X/data exists: a damaged corpus stops a run at step 0,
+        naming the chunk (one directory listing per array; ``python -m sharding verify`` checks contents)."""
+        from data_loader.zarr_chunks import check_chunk_files
+
+        for path in self.paths:
+            for name in ("indptr", "indices", "data"):
+                check_chunk_files(path / "X" / name)
 
     def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
         """Cells ``(shard[j], row[j])``, given sorted by (shard, row), returned as rows ``order``.

@@ -189,7 +189,9 @@ class StreamingLoader:
         if backend == "zarr":
             if not self.manifest.get("zarr"):
                 raise ValueError(f"{self.corpus}/manifest.json: corpus has no Zarr shards; build with --format zarr|both or use backend='soma'")
-            return ZarrReader(self.corpus, self.manifest, obs_columns, split=self.split)
+            reader = ZarrReader(self.corpus, self.manifest, obs_columns, split=self.split)
+            reader.check_files()  # a missing chunk stops here, naming it, not as zeros mid-epoch
+            return reader
         if backend == "soma":
             uri = soma_uri
             if uri is None:

@@ -33,6 +33,17 @@ def _compressor(codec: dict):
     return None
 
 
+class MissingChunk(OSError):
+    """A chunk file of a corpus shard is absent: the shard is damaged (our builder writes every chunk)."""
+
+
+def missing_chunk(path: Path, i: int) -> MissingChunk:
+    shard = path.parent.parent
+    return MissingChunk(f"{path / 'c' / str(i)}: chunk {i} of X/{path.name} of shard {shard.name} is missing, so the "
+                        f"shard is damaged (streaming it would give wrong counts); run `python -m sharding verify "
+                        f"{shard.parent.parent}` and rebuild the corpus")
+
+
 class ChunkedArray:
     """Read-only 1-D Zarr v3 array with a fast path; ``[a:b]`` slicing only."""
 
@@ -67,9 +78,9 @@ class ChunkedArray:
         try:
             raw = f.read_bytes()
         except FileNotFoundError:
-            # zarr semantics: an absent chunk is the fill value. Corpus shards are written with every
-            # chunk present; `sharding verify` and the manifest checksums catch a missing one.
-            return np.full(n, self.fill, dtype=self.dtype)
+            # zarr would read an absent chunk as the fill value; our builder writes every chunk, so an
+            # absent one is damage, and zeros (or gene 0 for every value) would train silently
+            raise missing_chunk(self.path, i) from None
         buf = self.comp.decode(raw) if self.comp is not None else raw
         return np.frombuffer(buf, dtype=self.dtype, count=n)
 
@@ -82,14 +93,13 @@ class ChunkedArray:
         """Decode chunk ``i`` into ``out`` (``self.chunk`` values of any dtype; cast when it differs).
 
         Every stored chunk holds a full chunk of values (zarr pads edge chunks), so a decode of the
-        store's own dtype lands in ``out`` with no copy; an absent chunk is the fill value.
+        store's own dtype lands in ``out`` with no copy; an absent chunk is an error (``MissingChunk``).
         """
         f = self.path / f"c{self.sep}{i}"
         try:
             raw = f.read_bytes()
         except FileNotFoundError:
-            out[:] = self.fill
-            return
+            raise missing_chunk(self.path, i) from None
         if out.dtype == self.dtype and self.comp is not None:
             self.comp.decode(raw, out=out)
         elif self.comp is not None:
@@ -124,3 +134,16 @@ class ChunkedArray:
     def __getitem__(self, sl: slice) -> np.ndarray:
         a, b, _ = sl.indices(self.shape[0])
         return self.read_ranges([(a, b)])[0]
+
+
+def check_chunk_files(array_dir: Path) -> None:
+    """Raise ``MissingChunk`` for the first chunk file of this 1-D array that is absent (one directory listing)."""
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    if not grid or meta.get("chunk_key_encoding", {}).get("name", "default") != "default":
+        return
+    n = -(-int(meta["shape"][0]) // int(grid[0]))
+    present = {p.name for p in (array_dir / "c").iterdir()} if (array_dir / "c").is_dir() else set()
+    for i in range(n):
+        if str(i) not in present:
+            raise missing_chunk(array_dir, i)

@@ -240,7 +240,32 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         k, v = ov.split("=", 1)
         k = {"corpus": "data.corpus"}.get(k, k)
         _set_dotted(raw, k, _parse_value(v))
-    return from_dict(RunConfig, raw)
+    return validate(from_dict(RunConfig, raw))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Values that type-check but cannot work, refused with the key and the fix."""
+    import signal
+
+    c = cfg.checkpoint
+    checks = [
+        (c.keep >= 1, f"checkpoint.keep: {c.keep} would delete every checkpoint; set 1 or more (default 3)"),
+        (c.resume in ("auto", "never"), f"checkpoint.resume: {c.resume!r} is not 'auto' (resume from the newest "
+                                        "committed checkpoint) or 'never' (refuse when checkpoints exist)"),
+        (c.every_steps >= 1, f"checkpoint.every_steps: {c.every_steps}; set 1 or more (a save every N steps)"),
+        (c.every_minutes is None or c.every_minutes > 0,
+         f"checkpoint.every_minutes: {c.every_minutes}; set a positive number of minutes, or null for none"),
+        (cfg.max_steps >= 1, f"max_steps: {cfg.max_steps}; set 1 or more"),
+        (cfg.data.batch_size >= 1, f"data.batch_size: {cfg.data.batch_size}; set 1 or more cells per rank"),
+        (cfg.engine.grad_accum >= 1, f"engine.grad_accum: {cfg.engine.grad_accum}; set 1 or more"),
+    ]
+    for name in c.save_on_signal:
+        checks.append((isinstance(getattr(signal, str(name), None), signal.Signals),
+                       f"checkpoint.save_on_signal: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
 
 
 def resolve_model_params(cfg: ModelConfig) -> dict:

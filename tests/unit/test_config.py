@@ -1,4 +1,5 @@
 """The typed config tree: unknown keys and wrong types name the key; every shipped config builds."""
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,17 @@ def test_every_pretrain_config_builds(path):
 def test_preset_family_mismatch():
     with pytest.raises(ConfigError, match="model.preset"):
         resolve_model_params(load_config(None, ["model.family=performer", "model.preset=mae_tiny"]).model)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("checkpoint.keep=0", "checkpoint.keep: 0 would delete every checkpoint"),
+    ("checkpoint.keep=-1", "checkpoint.keep: -1"),
+    ("checkpoint.resume=bogus", "checkpoint.resume: 'bogus' is not 'auto'"),
+    ("checkpoint.every_steps=0", "checkpoint.every_steps: 0; set 1 or more"),
+    ("checkpoint.every_minutes=0", "checkpoint.every_minutes: 0.0; set a positive number"),
+    ("checkpoint.save_on_signal=[SIGTERM, SIGFOO]", "checkpoint.save_on_signal: 'SIGFOO' is not a signal name"),
+    ("max_steps=0", "max_steps: 0"),
+])
+def test_values_that_cannot_work_are_refused_with_the_key(override, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(REPO / "configs/pretrain/demo_mae.yaml", [override])
