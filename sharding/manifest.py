@@ -184,6 +184,32 @@ def _first_duplicates(names: Iterable[str], limit: int = 5) -> list[str]:
     return dups
 
 
+_USERINFO = re.compile(r"://((?:(?!://)[^@\s])*)@")  # the userinfo of the innermost URI (may hold '/')
+_SECRET_PARAM = re.compile(r"([?&;](?:token|access_token|password|passwd|pwd|secret|api_key|apikey|key|sig|"
+                           r"signature|x-amz-signature|x-amz-credential|credential)=)[^&#\s]*", re.IGNORECASE)
+
+
 def redact(text: str) -> str:
-    """Hide a password in a URI (``s3://user:secret@host/...`` -> ``s3://user:***@host/...``)."""
-    return re.sub(r"(://[^/:@\s]+):[^/@\s]+@", r"\1:***@", text)
+    """Hide credentials in URIs, wherever they are written (manifest, run config, MLflow params, logs):
+    ``s3://user:secret@host`` -> ``s3://user:***@host`` (also with '/' in the password),
+    ``https://TOKEN@host`` -> ``https://***@host``, ``?token=abc`` / ``&sig=...`` -> ``?token=***``."""
+    def hide(m: re.Match) -> str:
+        info = m.group(1)
+        while "://" in info:  # nested URIs (soma://s3://user:pw@host): the last scheme owns the userinfo
+            info = info.split("://", 1)[1]
+        head = m.group(1)[: len(m.group(1)) - len(info)]
+        user = info.split(":", 1)[0] + ":***" if ":" in info else "***"
+        return f"://{head}{user}@"
+
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(hide, text))
+
+
+def redact_tree(obj):
+    """``redact`` applied to every string of a nested dict / list (a config before it is written)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redact_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_tree(v) for v in obj]
+    return obj

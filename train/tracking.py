@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from sharding.manifest import redact
 from train.config import RunConfig, to_flat
-
-
-def redact(uri: str) -> str:
-    """Drop user:password from URIs before they are logged."""
-    return re.sub(r"//[^/@]+@", "//***@", uri)
 
 
 def default_tracking_uri(cfg: RunConfig) -> str:

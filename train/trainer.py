@@ -18,7 +18,7 @@ import yaml
 
 from data_loader import MixedLoader, StreamingLoader, model_inputs
 from scmodels.build import build_model, default_preprocessing, export_module, hparams_of
-from sharding.manifest import read_manifest, read_vocab
+from sharding.manifest import read_manifest, read_vocab, redact_tree
 from train import checkpoint, comm, faults, objectives
 from train.config import RunConfig, resolve_model_params
 from train.engine import build_engine, forward_view
@@ -168,7 +168,8 @@ def pretrain(cfg: RunConfig) -> dict:
     tracker = Tracker(cfg, rank, run_id=state.get("mlflow_run_id") if state else None, resume_step=step)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        # credentials in URIs never reach disk or MLflow (config.yaml is uploaded as an artifact)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(redact_tree(asdict(cfg)), sort_keys=False))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=2))
         print(f"[train] {cfg.model.family}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"world size {world}, ZeRO-{cfg.engine.zero_stage}, {d.backend} corpus {corpus} "

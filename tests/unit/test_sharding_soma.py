@@ -330,3 +330,16 @@ def test_loader_streams_a_census_store_with_a_filter_exactly_once(census_store) 
     with pytest.raises(KeyError, match="obs has no column"):
         StreamingLoader(None, backend="soma", soma_uri=str(root), census_organism="homo_sapiens",
                         batch_size=16, seed=0, rank=0, world_size=1, obs_columns=["no_such_column"])
+
+
+def test_redaction_covers_slashes_tokens_and_query_strings() -> None:
+    from sharding.manifest import redact, redact_tree
+
+    assert redact("postgresql://mlflow:pa/ss@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert redact("https://ghp_abcdef@host/repo") == "https://***@host/repo"
+    assert redact("https://h/x?token=abc123&layer=raw") == "https://h/x?token=***&layer=raw"
+    assert redact("s3://b/k?X-Amz-Signature=deadbeef&X-Amz-Credential=AKIA/2026") == \
+        "s3://b/k?X-Amz-Signature=***&X-Amz-Credential=***"
+    assert redact("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert redact_tree({"tracking": {"mlflow_uri": "http://u:p@h"}, "x": [1, "a"]}) == \
+        {"tracking": {"mlflow_uri": "http://u:***@h"}, "x": [1, "a"]}
