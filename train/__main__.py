@@ -58,6 +58,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from train.export import write_export
 
     root, tag = resolve_checkpoint(Path(args.checkpoint))
+    from train.checkpoint import verify
+
+    problem = verify(root / tag)
+    if problem:
+        raise SystemExit(f"error: {problem}; export an older committed checkpoint")
     meta = json.loads((root / tag / "export_meta.json").read_text())
     state = json.loads((root / tag / "trainer_state.json").read_text())
     sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)

@@ -5,6 +5,12 @@ waiting for the others (RELIABILITY.md). So: every rank saves under a tag, the r
 success (all-reduce of an ok flag), and only then rank 0 writes our commit marker ``COMMITTED``
 (temp file + fsync + rename). Only committed tags are ever loaded; a tag that fails to load on
 any rank is skipped for the previous one; existing checkpoints are never silently ignored.
+The marker records the size and sha256 of every file of the checkpoint (fsynced first); a
+checkpoint whose files differ from it is refused before anything loads it.
+
+Checkpoints are trusted input: DeepSpeed reads them with ``torch.load(weights_only=False)``,
+which can run code planted in a file. The integrity record catches a file changed after the
+save, not a checkpoint made by someone else: share exports (safetensors), not checkpoints.
 
 Per-rank state lost under ZeRO 0-2 (DeepSpeed keeps only rank 0's ``client_state``) is avoided
 by design: the data-stream cursor is global (saved once, in ``trainer_state.json``) and masks
@@ -35,6 +41,50 @@ def _device(engine) -> torch.device:
 
 def _atomic_write(path: Path, text: str) -> None:
     write_atomic(path, text.encode())  # temp file + fsync + rename + fsync of the directory
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_records(tag_dir: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file of a checkpoint but its marker."""
+    return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def _fsync_tree(tag_dir: Path) -> None:
+    """Every file of the checkpoint on disk before the marker says it is complete."""
+    import os
+
+    for p in tag_dir.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def verify(tag_dir: Path) -> str | None:
+    """None when every file the commit marker lists is there with its size and sha256; else what differs.
+    Markers written before integrity records (no "files") are accepted as they are."""
+    record = json.loads((tag_dir / MARKER).read_text()).get("files")
+    if record is None:
+        return None
+    for rel, want in record.items():
+        p = tag_dir / rel
+        if not p.is_file():
+            return f"{p}: listed in its commit marker but missing"
+        if p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
+            return f"{p}: differs from its commit marker (size or sha256); the checkpoint was changed after it was saved"
+    return None
 
 
 def tag_of(step: int) -> str:
@@ -73,7 +123,8 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[s
         ok = False
     ok = comm.agree(ok, device)
     if ok and rank == 0:
-        _atomic_write(marker, json.dumps({"step": step}))
+        _fsync_tree(root / tag)
+        _atomic_write(marker, json.dumps({"step": step, "files": file_records(root / tag)}))
         for old in committed_tags(root)[keep:]:
             shutil.rmtree(root / old, ignore_errors=True)
     comm.barrier()
@@ -96,6 +147,11 @@ def load_latest(engine, root: Path, resume: str, allow_fresh_start: bool) -> dic
         return None
     rank, device = comm.rank(), _device(engine)
     for tag in tags:
+        problem = verify(root / tag) if rank == 0 else None
+        if not comm.agree(problem is None, device):  # rank 0 checked the files; everyone skips the tag
+            if rank == 0:
+                print(f"[rank 0] checkpoint {tag} refused: {problem}; trying an older one", flush=True)
+            continue
         ok, state = True, None
         try:
             path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,

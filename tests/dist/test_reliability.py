@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import run_cli
 from tests.dist.test_pretrain_dist import base, metrics, torchrun
 
 pytestmark = pytest.mark.dist
@@ -47,7 +48,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, small_corpus
     model_file.write_bytes(model_file.read_bytes()[:100])  # truncated, yet marked committed
     p = torchrun(CFG, base(tmp_path, small_corpus, "corrupt", 8))
     out = p.stdout + p.stderr
-    assert "step-00000006 unusable" in out and "resumed at step 3" in out
+    assert "checkpoint step-00000006 refused" in out and "differs from its commit marker" in out
+    assert "resumed at step 3" in out
     assert metrics(tmp_path / "runs" / "corrupt")[-1]["loss"] == reference[-1]["loss"]
 
 
@@ -60,3 +62,17 @@ def test_existing_checkpoints_are_never_silently_ignored(tmp_path, small_corpus)
     (ck / "step-00000003" / "COMMITTED").unlink()  # the only checkpoint becomes incomplete
     p = torchrun(CFG, base(tmp_path, small_corpus, "fresh", 4), check=False)
     assert p.returncode != 0 and "none is complete" in p.stdout + p.stderr
+
+
+def test_checkpoint_changed_after_its_commit_is_refused_and_not_exported(tmp_path, small_corpus, reference):
+    torchrun(CFG, base(tmp_path, small_corpus, "tamper", 8, ["stop_at_step=6"]))
+    ck = tmp_path / "runs" / "tamper" / "checkpoints"
+    state = ck / "step-00000006" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 6', '"step": 7'))  # same kind of file, other content
+    p = run_cli(["-m", "train", "export", str(ck / "latest"), "--out", str(tmp_path / "exp")], check=False)
+    assert p.returncode != 0 and "trainer_state.json: differs from its commit marker" in p.stderr
+    assert not (tmp_path / "exp").exists()
+    p = torchrun(CFG, base(tmp_path, small_corpus, "tamper", 8))
+    out = p.stdout + p.stderr
+    assert "checkpoint step-00000006 refused" in out and "resumed at step 3" in out
+    assert metrics(tmp_path / "runs" / "tamper")[-1]["loss"] == reference[-1]["loss"]
