@@ -66,7 +66,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     meta = json.loads((root / tag / "export_meta.json").read_text())
     state = json.loads((root / tag / "trainer_state.json").read_text())
     sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    vocab = read_vocab(Path(meta["corpus"]))
+    # the checkpoint's own copy of the vocabulary (older checkpoints: the corpus it was trained on)
+    own = root / tag / "vocab.tsv"
+    vocab = read_vocab(own if own.exists() else Path(meta["corpus"]))
     out = write_export(args.out, sd, meta["family"], meta["hparams"], PreprocessSpec.from_dict(meta["preprocessing"]),
                        vocab, {"steps": state["step"], "cells_seen": state["cells_seen"], "checkpoint": f"{root}/{tag}",
                                "corpus_manifest_sha256": meta["corpus_manifest_sha256"]})

@@ -102,6 +102,7 @@ class CheckpointConfig:
     keep: int = 3
     resume: str = "auto"  # auto: newest complete checkpoint | never: refuse if checkpoints exist
     allow_fresh_start: bool = False  # start from step 0 although checkpoints exist
+    allow_new_corpus: bool = False  # resume the weights on another corpus (its stream starts at its first cell)
     # on these signals every rank finishes its step, the step is checkpointed and the run exits 75 (train/preempt.py)
     save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 

@@ -18,7 +18,7 @@ import yaml
 
 from data_loader import MixedLoader, StreamingLoader, model_inputs
 from scmodels.build import build_model, default_preprocessing, export_module, hparams_of
-from sharding.manifest import read_manifest, read_vocab, redact_tree
+from sharding.manifest import read_manifest, read_vocab, redact_tree, vocab_sha256
 from train import checkpoint, comm, faults, objectives
 from train.config import RunConfig, resolve_model_params
 from train.engine import build_engine, forward_view
@@ -146,6 +146,10 @@ def pretrain(cfg: RunConfig) -> dict:
     corpus = Path(cfg.data.corpus)
     manifest = read_manifest(corpus)
     vocab = read_vocab(corpus)
+    want = (manifest.get("vocab") or {}).get("sha256")
+    if want and vocab_sha256([g for g, _ in vocab]) != want:
+        raise ValueError(f"{corpus}/vocab.tsv: its genes do not match the manifest's vocabulary hash (the file was "
+                         "edited or copied from another corpus); rebuild the corpus or restore its vocab.tsv")
     model = build_model_for(cfg, len(vocab), vocab).to(device)
     spec = default_preprocessing(cfg.model.family)
     d = cfg.data
@@ -164,7 +168,9 @@ def pretrain(cfg: RunConfig) -> dict:
     state = checkpoint.load_latest(engine, ckpt_root, cfg.checkpoint.resume, cfg.checkpoint.allow_fresh_start)
     step, cells = (state["step"], state["cells_seen"]) if state else (0, 0)
     if state:
-        loader.load_state_dict(state["stream"])
+        _same_corpus(cfg, state, corpus)
+        if state["stream"] is not None:
+            loader.load_state_dict(state["stream"])
     tracker = Tracker(cfg, rank, run_id=state.get("mlflow_run_id") if state else None, resume_step=step)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -223,10 +229,11 @@ def pretrain(cfg: RunConfig) -> dict:
         if step % cfg.checkpoint.every_steps == 0 or step == stop_at or _time_to_save(cfg, last_save, device):
             last_save = time.monotonic()
             tstate = {"step": step, "cells_seen": cells, "stream": loader.state_dict(),
-                      "mlflow_run_id": tracker.run_id}
+                      "mlflow_run_id": tracker.run_id, "corpus_manifest_sha256": export_meta["corpus_manifest_sha256"]}
             assert_buffers_in_sync(engine.module, device)
             committed = checkpoint.save(engine, ckpt_root, step, tstate,
-                                        {"export_meta.json": json.dumps(export_meta)}, cfg.checkpoint.keep)
+                                        {"export_meta.json": json.dumps(export_meta),
+                                         "vocab.tsv": (corpus / "vocab.tsv").read_text()}, cfg.checkpoint.keep)
         if eval_loader is not None and ((cfg.tracking.eval_every and step % cfg.tracking.eval_every == 0)
                                         or step == cfg.max_steps):
             tracker.log(step, evaluate_heldout(fwd, cfg, eval_loader, len(vocab), spec, device))
@@ -329,6 +336,21 @@ def _memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["gpu_max_alloc_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+def _same_corpus(cfg: RunConfig, state: dict, corpus: Path) -> None:
+    """A checkpoint resumes only on the corpus it was trained on (its stream state counts that corpus's
+    cells), unless ``checkpoint.allow_new_corpus``: then the stream starts over on the new corpus."""
+    saved, now = state.get("corpus_manifest_sha256"), _manifest_hash(corpus)
+    if saved is None or saved == now:
+        return
+    if not cfg.checkpoint.allow_new_corpus:
+        raise checkpoint.CheckpointError(
+            f"{cfg.run_dir / 'checkpoints'}: the checkpoint of step {state['step']} was trained on a corpus with "
+            f"manifest sha256 {saved[:12]}…, but {corpus}/manifest.json is {now[:12]}… (rebuilt or another corpus); "
+            "point corpus= at the original, or set checkpoint.allow_new_corpus=true to continue the weights on "
+            "this corpus from its first cell")
+    state["stream"] = None
 
 
 def _manifest_hash(corpus: Path) -> str:

@@ -76,3 +76,22 @@ def test_checkpoint_changed_after_its_commit_is_refused_and_not_exported(tmp_pat
     out = p.stdout + p.stderr
     assert "checkpoint step-00000006 refused" in out and "resumed at step 3" in out
     assert metrics(tmp_path / "runs" / "tamper")[-1]["loss"] == reference[-1]["loss"]
+
+
+def test_resume_on_another_corpus_is_refused_unless_allowed(tmp_path, small_corpus):
+    import shutil
+
+    args = base(tmp_path, small_corpus, "other", 6, ["stop_at_step=3"])
+    torchrun(CFG, args)
+    assert (tmp_path / "runs" / "other" / "checkpoints" / "step-00000003" / "vocab.tsv").exists()
+    other = tmp_path / "rebuilt"
+    shutil.copytree(small_corpus, other)
+    man = other / "manifest.json"
+    man.write_text(man.read_text().replace('"n_cells"', '"n_cells" ', 1))  # a different manifest
+    moved = [a if not a.startswith("corpus=") else f"corpus={other}" for a in base(tmp_path, small_corpus, "other", 6)]
+    p = torchrun(CFG, moved, check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "was trained on a corpus with manifest sha256" in out
+    assert "checkpoint.allow_new_corpus=true" in out
+    p = torchrun(CFG, moved + ["checkpoint.allow_new_corpus=true"])
+    assert "resumed at step 3" in p.stdout + p.stderr
