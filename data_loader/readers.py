@@ -201,6 +201,7 @@ class ZarrReader:
         self.paths = [self.root / s["path"] for s in manifest["zarr"]["shards"]]
         self.sizes = [int(s["n_cells"]) for s in manifest["zarr"]["shards"]]
         self.nnz = [s.get("nnz") for s in manifest["zarr"]["shards"]]
+        self.shard_cells = list(self.sizes)  # the manifest's, before any split filter narrows ``sizes``
         self.obs_columns = list(obs_columns)
         # every batch carries the corpus's widest stored dtypes (older corpora: whatever the shards hold)
         self.dtypes = {k: np.dtype(v) for k, v in (manifest["zarr"].get("dtypes") or {}).items()}
@@ -283,9 +284,9 @@ class ZarrReader:
         path = self.paths[shard]
         indptr = np.asarray(ChunkedArray(path / "X" / "indptr")[:], dtype=np.int64)
         want = self.nnz[shard]
-        if want is not None and (len(indptr) != self.sizes[shard] + 1 or int(indptr[-1]) != int(want)):
+        if want is not None and (len(indptr) != self.shard_cells[shard] + 1 or int(indptr[-1]) != int(want)):
             raise OSError(f"{path}: X/indptr holds {len(indptr) - 1} cells and {int(indptr[-1])} non-zeros, the "
-                          f"manifest {self.sizes[shard]} and {want}; the shard is damaged or from another build: "
+                          f"manifest {self.shard_cells[shard]} and {want}; the shard is damaged or from another build: "
                           f"run `python -m sharding verify {self.root}` and rebuild the corpus")
         arrs = {"indptr": indptr,
                 "indices": ChunkedArray(path / "X" / "indices", self._pool),
