@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 PREEMPTED_FILE = "preempted.json"
 
 
+def _ignore_warning_signals() -> None:
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def run_forwarding_signals(cmd: list[str], env: dict, marker: Path, grace: float = 600.0) -> int:
     """Run the launcher; the first SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 to this process becomes one SIGTERM to it.
 
@@ -131,7 +136,9 @@ def run_forwarding_signals(cmd: list[str], env: dict, marker: Path, grace: float
     from train.preempt import EXIT_PREEMPTED
 
     started = time.time()
-    proc = subprocess.Popen(cmd, env=env)
+    # the scheduler may signal every process of the job step, torchrun's agent included: a SIGUSR1/2 there
+    # would kill it (no handler), so the agent starts with them ignored; the workers install their own
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_ignore_warning_signals)
     forwarded: list[psutil.Process] = []
 
     def forward(signum: int, _frame: object) -> None:
