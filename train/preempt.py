@@ -19,7 +19,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "saved, resubmit me"; the job resumes with t
 class SignalWatch:
     def __init__(self, names: list[str]):
         self.received: str | None = None
-        self.count = 0
         self._old: dict[int, object] = {}
         for name in names:
             sig = getattr(signal, name, None)
@@ -28,7 +27,6 @@ class SignalWatch:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: object) -> None:
-        self.count += 1
         if self.received is None:
             self.received = signal.Signals(signum).name
 
