@@ -116,6 +116,9 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow's CPU/GPU/memory sampling (rank 0)
     eval_every: int = 0  # held-out metrics every N steps (corpora built with --holdout); 0 = at the end only
     eval_batches: int = 4  # held-out batches per rank per evaluation (the same cells every time)
+    # every rank appends the global cell ids of each step to <run_dir>/cells/rank-<r>.jsonl
+    # (trace a loss spike to its cells; audit exactly-once across restarts and world-size changes)
+    trace_cells: bool = False
 
 
 @dataclass

@@ -3,6 +3,8 @@
 ``SCPRETRAIN_FAULT="kill:rank=1:step=5"``      SIGKILL rank 1 right after it finishes step 5;
 ``SCPRETRAIN_FAULT="kill_in_save:rank=1:step=6"`` SIGKILL rank 1 inside the checkpoint save of step 6,
 after its DeepSpeed files are written and before the ranks agree to commit.
+``SCPRETRAIN_FAULT="raise_in_save:rank=1:step=6"`` rank 1's first checkpoint file write of step 6 raises
+OSError (disk full), inside DeepSpeed's save, before its barriers.
 Faults fire only on a job's first attempt (torchrun's ``TORCHELASTIC_RESTART_COUNT`` = 0), so a
 restarted job runs clean, as after a real node failure.
 """
@@ -50,3 +52,12 @@ def maybe_sleep() -> None:
         import time
 
         time.sleep(spec.get("ms", 100) / 1000)
+
+
+def maybe_raise(point: str, rank: int, step: int, what: str) -> None:
+    spec = _spec()
+    if spec and spec["kind"] == point and spec.get("rank") == rank and spec.get("step") == step:
+        import errno
+
+        print(f"[fault] {point}: OSError on rank {rank} writing {what} at step {step}", flush=True)
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", what)

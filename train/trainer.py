@@ -98,6 +98,23 @@ def _git_rev() -> str:
         return "unknown"
 
 
+class _CellTrace:
+    """``tracking.trace_cells``: one line per step and rank, {"step", "epoch", "world_size", "start",
+    "cell_ids"}; ``start`` is the step this attempt began at, so after a restart the lines of the newest
+    attempt that reached a step are the ones that count."""
+
+    def __init__(self, run_dir: Path, rank: int, world: int, start: int):
+        d = run_dir / "cells"
+        d.mkdir(parents=True, exist_ok=True)
+        self.f = open(d / f"rank-{rank}.jsonl", "a")
+        self.world, self.start = world, start
+
+    def add(self, step: int, batch: dict) -> None:
+        self.f.write(json.dumps({"step": step, "epoch": int(batch["epoch"]), "world_size": self.world,
+                                 "start": self.start, "cell_ids": batch["cell_id"].tolist()}) + "\n")
+        self.f.flush()
+
+
 class Batches:
     """Endless batches across epochs, timing the wait for each (data stall)."""
 
@@ -192,6 +209,7 @@ def pretrain(cfg: RunConfig) -> dict:
     last_save = time.monotonic()
     watch = SignalWatch(cfg.checkpoint.save_on_signal)
     preempted, committed = None, False
+    trace = _CellTrace(run_dir, rank, world, step) if cfg.tracking.trace_cells else None
     while step < stop_at:
         t0, batches.wait = time.perf_counter(), 0.0
         for micro in range(cfg.engine.grad_accum):
@@ -200,6 +218,8 @@ def pretrain(cfg: RunConfig) -> dict:
             torch.manual_seed(cfg.seed * 100_003 + rank * 7_919 + step)  # dropout: a function of the step
             gen = objectives.step_generator(cfg.seed, rank, step * cfg.engine.grad_accum + micro, device)
             loss, extra = train_step(fwd, cfg, inputs, gen)
+            if trace is not None:
+                trace.add(step + 1, batch)
             engine.backward(loss)
             engine.step()
             objectives.after_step(engine)  # EMA targets (BYOL) follow applied optimizer steps
@@ -234,6 +254,14 @@ def pretrain(cfg: RunConfig) -> dict:
             committed = checkpoint.save(engine, ckpt_root, step, tstate,
                                         {"export_meta.json": json.dumps(export_meta),
                                          "vocab.tsv": (corpus / "vocab.tsv").read_text()}, cfg.checkpoint.keep)
+            if not committed and preempted is None:  # storage failing: stop now, not hours of work later
+                prev = checkpoint.committed_tags(ckpt_root)
+                raise checkpoint.CheckpointError(
+                    f"{ckpt_root / checkpoint.tag_of(step)}: the checkpoint of step {step} did not commit (a rank "
+                    "failed to write it; its '[rank N] checkpoint ... not written' line names the file and error). "
+                    + (f"The newest committed checkpoint, {prev[0]}, is intact: fix the storage and rerun the same "
+                       "command to resume from it" if prev else "No checkpoint is committed yet: fix the storage "
+                       "and rerun the same command"))
         if eval_loader is not None and ((cfg.tracking.eval_every and step % cfg.tracking.eval_every == 0)
                                         or step == cfg.max_steps):
             tracker.log(step, evaluate_heldout(fwd, cfg, eval_loader, len(vocab), spec, device))

@@ -41,6 +41,24 @@ def test_rank_killed_mid_save_next_start_uses_previous_checkpoint(tmp_path, smal
     assert metrics(tmp_path / "runs" / "midsave")[-1]["loss"] == reference[-1]["loss"]
 
 
+def test_a_write_failing_on_one_rank_ends_the_run_clearly_and_the_next_start_resumes(tmp_path, small_corpus,
+                                                                                       reference):
+    """Rank 1's first file write of step 6 raises (disk full) inside DeepSpeed's save: no hang in its barriers,
+    the ranks agree the save failed, the run ends naming the rank, file and error; step 3 is resumed next."""
+    p = torchrun(CFG, base(tmp_path, small_corpus, "enospc", 8), env={"SCPRETRAIN_FAULT": "raise_in_save:rank=1:step=6"},
+                 check=False, timeout=240)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert "[rank 1] checkpoint step-00000006 not written" in out and "No space left on device" in out
+    assert "zero_pp_rank_1" in out  # the file that failed
+    assert "the checkpoint of step 6 did not commit" in out and "step-00000003, is intact" in out
+    ck = tmp_path / "runs" / "enospc" / "checkpoints"
+    assert not (ck / "step-00000006" / "COMMITTED").exists() and (ck / "step-00000003" / "COMMITTED").exists()
+    p2 = torchrun(CFG, base(tmp_path, small_corpus, "enospc", 8))
+    assert "resumed at step 3" in p2.stdout + p2.stderr
+    assert metrics(tmp_path / "runs" / "enospc")[-1]["loss"] == reference[-1]["loss"]
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, small_corpus, reference):
     torchrun(CFG, base(tmp_path, small_corpus, "corrupt", 8, ["stop_at_step=6"]))
     ck = tmp_path / "runs" / "corrupt" / "checkpoints"
