@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from torch import nn
 from evaluate.embedding import pick_device
 from evaluate.errors import EvaluateError
 from evaluate.export_io import Export
-from evaluate.heads import Head
+from evaluate.heads import CONFIG_FILE as HEAD_CONFIG, Head, save_folder
 from scmodels import preprocess
 
 MODES = ("frozen", "partial", "full")
@@ -178,23 +177,15 @@ class Classifier:
 
     def save(self, directory: str | Path) -> Path:
         """head.safetensors + head.json, plus encoder.safetensors with the tensors that trained (if any)."""
-        d = Path(directory)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EvaluateError(f"{d}: cannot create the head directory ({e}); pass another --out") from e
-        enc_path = d / ENCODER_FILE
-        if self.tuned:
-            params = dict(self.encoder.named_parameters())
-            tmp = d / f".{ENCODER_FILE}.tmp"
-            save_file({n: params[n].detach().to("cpu", torch.float32).contiguous() for n in self.tuned},
-                      str(tmp), metadata={"mode": self.mode})
-            self.head.fine_tuning["encoder_sha256"] = _sha256(tmp)
-            os.replace(tmp, enc_path)
-        elif enc_path.exists():
-            enc_path.unlink()  # a frozen head saved over an unfrozen one: the old encoder must not linger
-        self.head.save(d)
-        return d
+        def write(d: Path) -> None:
+            if self.tuned:
+                params = dict(self.encoder.named_parameters())
+                save_file({n: params[n].detach().to("cpu", torch.float32).contiguous() for n in self.tuned},
+                          str(d / ENCODER_FILE), metadata={"mode": self.mode})
+                self.head.fine_tuning["encoder_sha256"] = _sha256(d / ENCODER_FILE)
+            self.head.write_files(d)
+
+        return save_folder(directory, HEAD_CONFIG, "head", write)  # one folder, swapped in whole
 
     @classmethod
     def load(cls, directory: str | Path, export: Export) -> "Classifier":

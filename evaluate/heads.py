@@ -18,7 +18,6 @@ fine-tuned too, which encoder tensors were replaced (see ``evaluate.classifier``
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from evaluate.errors import EvaluateError
+from scmodels.atomic import write_folder
 
 HEAD_FORMAT_VERSION = 1
 HEAD_KINDS = ("linear", "mlp", "scbert")
@@ -36,6 +36,16 @@ WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "head.json"
 SCBERT_HIDDEN = (512, 128)  # the reference head's two hidden widths
 
+
+
+def save_folder(directory: str | Path, marker: str, what: str, write) -> Path:
+    """``scmodels.atomic.write_folder`` with its refusals as one-line ``EvaluateError``s."""
+    try:
+        return write_folder(Path(directory), marker, what, write)
+    except FileExistsError as e:
+        raise EvaluateError(str(e)) from None
+    except OSError as e:
+        raise EvaluateError(f"{directory}: cannot write the {what} ({e}); pass another --out") from e
 
 class ScBertNet(nn.Module):
     """Per-gene representations [B, seq_len, dim] -> logits [B, n_classes] (scBERT's head)."""
@@ -146,20 +156,15 @@ class Head(nn.Module):
         return cfg
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``head.safetensors`` and ``head.json`` into ``directory`` (created if needed)."""
-        d = Path(directory)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise EvaluateError(f"{d}: cannot create the head directory ({e}); pass another --out") from e
-        # temp file + rename: a crash never leaves a half-written head next to a valid one
-        tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp", d / f".{CONFIG_FILE}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp_w),
+        """Write ``head.safetensors`` and ``head.json`` as the folder ``directory``, replaced in one step
+        (a crash never leaves new weights beside an old config)."""
+        return save_folder(directory, CONFIG_FILE, "head", self.write_files)
+
+    def write_files(self, d: Path) -> None:
+        """head.safetensors + head.json into the folder ``d`` (``save`` swaps that folder into place)."""
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE),
                   metadata={"kind": self.kind})
-        tmp_c.write_text(json.dumps(self.config(), indent=2))
-        os.replace(tmp_w, d / WEIGHTS_FILE)
-        os.replace(tmp_c, d / CONFIG_FILE)
-        return d
+        (d / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Head":

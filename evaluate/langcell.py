@@ -218,14 +218,13 @@ class LangCellHead(nn.Module):
                 "text_encoder": self.encoder_name, "export": self.export_info, "training": self.training_info}
 
     def save(self, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_c = d / f".{WEIGHTS_FILE}.tmp", d / f".{CONFIG_FILE}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp_w))
-        tmp_c.write_text(json.dumps(self.config(), indent=2))
-        os.replace(tmp_w, d / WEIGHTS_FILE)
-        os.replace(tmp_c, d / CONFIG_FILE)
-        return d
+        from evaluate.heads import save_folder
+
+        def write(d: Path) -> None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE))
+            (d / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2))
+
+        return save_folder(directory, CONFIG_FILE, "LangCell head", write)  # one folder, swapped in whole
 
     @classmethod
     def load(cls, directory: str | Path) -> "LangCellHead":

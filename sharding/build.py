@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from scmodels.atomic import fsync_dir, fsync_tree
 from sharding import manifest as mf
 from sharding import soma_store, zarr_store
 from sharding.errors import InputError
@@ -444,8 +445,10 @@ def _write_zarr_shard(out: Path, shard: int, csr: Any, obs: pd.DataFrame, var: p
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dtypes = zarr_store.write_shard(tmp, csr, obs, var, codec=codec, x_dtype=x_dtype)
+    fsync_tree(tmp)  # on disk before its done-record and the manifest say it is there
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     return mf.shard_sha256(final), dtypes
 
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from scmodels.atomic import write_atomic  # noqa: F401 - the corpus's files are written with it
 from sharding.errors import InputError
 
 FORMAT_VERSION = 1
@@ -152,24 +153,6 @@ def resolve_inside(corpus_dir: str | Path, rel: str, field: str = "manifest") ->
         raise InputError(f"{field}: path {rel!r} resolves outside the corpus directory; "
                          "refusing a corpus that points outside itself")
     return target
-
-
-def write_atomic(path: Path, data: bytes, tmp: Path | None = None) -> Path:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never a torn one."""
-    # A reader must see the old file or the whole new one, never a torn write:
-    # fsync the temp file, rename it, then fsync the directory so the rename survives a crash.
-    tmp = tmp or path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def _first_duplicates(names: Iterable[str], limit: int = 5) -> list[str]:

@@ -57,8 +57,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sharding.manifest import read_vocab
     from train.export import write_export
 
-    root, tag = resolve_checkpoint(Path(args.checkpoint))
+    from scmodels.atomic import check_replaceable
     from train.checkpoint import verify
+
+    try:
+        check_replaceable(Path(args.out), "config.json", "export")
+    except FileExistsError as e:
+        raise SystemExit(f"error: --out {e}") from None
+    root, tag = resolve_checkpoint(Path(args.checkpoint))
 
     problem = verify(root / tag)
     if problem:

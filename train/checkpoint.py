@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from sharding.manifest import write_atomic
+from scmodels.atomic import fsync_tree, replace_dir, temp_sibling, write_atomic
 from train import comm, faults
 
 MARKER = "COMMITTED"
@@ -67,19 +67,6 @@ def file_records(tag_dir: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every file of a checkpoint but its marker."""
     return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
-
-
-def _fsync_tree(tag_dir: Path) -> None:
-    """Every file of the checkpoint on disk before the marker says it is complete."""
-    import os
-
-    for p in tag_dir.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def verify(tag_dir: Path) -> str | None:
@@ -116,7 +103,6 @@ def to_universal(tag_dir: Path) -> Path:
     Built in a temporary folder and renamed into place; reused while it names the same commit marker."""
     import argparse
     import io
-    import os
 
     out = tag_dir / UNIVERSAL
     source = out / "SOURCE"
@@ -124,8 +110,7 @@ def to_universal(tag_dir: Path) -> Path:
         return out
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = tag_dir / f".{UNIVERSAL}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(out)
     args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     log = io.StringIO()
@@ -138,10 +123,7 @@ def to_universal(tag_dir: Path) -> Path:
                               f"{e!r}; resume at the world size it was saved at ({saved_world_size(tag_dir)} "
                               f"ranks)\n{log.getvalue()[-2000:]}") from e
     (tmp / "SOURCE").write_text(_source_id(tag_dir))
-    _fsync_tree(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def tag_of(step: int) -> str:
@@ -229,7 +211,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[s
         print(f"[rank {rank}] checkpoint {tag} not written: {failure}", flush=True)
     ok = comm.agree(failure is None, device)
     if ok and rank == 0:
-        _fsync_tree(root / tag)
+        fsync_tree(root / tag)
         _atomic_write(marker, json.dumps({"step": step, "files": file_records(root / tag)}))
         for old in committed_tags(root)[keep:]:
             shutil.rmtree(root / old, ignore_errors=True)

@@ -109,6 +109,7 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
+    mlflow: bool = True  # false: metrics.jsonl and the loss plot only; mlflow is never imported
     mlflow_uri: str | None = None  # default: sqlite store in <out_dir>/../mlflow.db
     experiment: str = "scpretrain"
     log_every: int = 5
@@ -263,6 +264,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.data.batch_size >= 1, f"data.batch_size: {cfg.data.batch_size}; set 1 or more cells per rank"),
         (cfg.engine.grad_accum >= 1, f"engine.grad_accum: {cfg.engine.grad_accum}; set 1 or more"),
     ]
+    out = cfg.export_path
+    checks.append((out is None or not out.is_dir() or not any(out.iterdir()) or (out / "config.json").is_file(),
+                   f"export_dir: {out} exists and is not an export (no config.json); the export replaces it as a "
+                   "whole: pass a new or empty folder, or export=false"))
     for name in c.save_on_signal:
         checks.append((isinstance(getattr(signal, str(name), None), signal.Signals),
                        f"checkpoint.save_on_signal: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)"))

@@ -7,21 +7,21 @@ Layout (ARCHITECTURE.md, Export contract)::
     vocab.tsv          gene_id<TAB>symbol, one row per model input column, in order
     README.md          a short model card
 
-Written into a temporary sibling directory and renamed into place, so a crash never
-leaves a directory that looks like a complete export.
+Written into a temporary sibling directory and swapped into place (``scmodels.atomic.replace_dir``),
+so a crash never leaves a directory that looks like a complete export, and replacing an export
+never leaves a moment without one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from scmodels.atomic import check_replaceable, replace_dir, temp_sibling
 from scmodels.build import embedding_key, hparams_of
 from scmodels.preprocess import PreprocessSpec
 
@@ -37,14 +37,6 @@ def _alias(key: str) -> bool:
     """performer-pytorch registers every layer twice (``net`` and ``proj_updater.instance``);
     the export keeps one copy (safetensors refuses shared tensors, and it halves the file)."""
     return ".proj_updater.instance." in key
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _model_card(cfg: dict) -> str:
@@ -86,28 +78,15 @@ def write_export(
         "embedding_key": embedding_key(family),
         "provenance": {"exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(provenance or {})},
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    check_replaceable(out, "config.json", "export")
+    tmp = temp_sibling(out)
     tensors = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()).clone()
                for k, v in state_dict.items() if not _alias(k)}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_family": family})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "vocab.tsv").write_text("gene_id\tsymbol\n" + "".join(f"{g}\t{s}\n" for g, s in vocab))
     (tmp / "README.md").write_text(_model_card(cfg))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
-    _fsync_dir(out.parent)
+    replace_dir(tmp, out)  # fsyncs, then swaps in one step: never a moment without a complete export
     return out
 
 

@@ -1,4 +1,4 @@
-"""Run tracking: metrics.jsonl + MLflow, on rank 0 only."""
+"""Run tracking: metrics.jsonl + MLflow (``tracking.mlflow``, default on), on rank 0 only."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,15 @@ from pathlib import Path
 
 from sharding.manifest import redact
 from train.config import RunConfig, to_flat
+
+
+def keep_mlflow_out(cfg: RunConfig) -> None:
+    """With ``tracking.mlflow=false`` mlflow is never imported: DeepSpeed's autotuner imports it at
+    ``import deepspeed`` whenever it is installed, so it is marked absent before DeepSpeed loads."""
+    import sys
+
+    if not cfg.tracking.mlflow and "deepspeed" not in sys.modules:
+        sys.modules.setdefault("mlflow", None)
 
 
 def default_tracking_uri(cfg: RunConfig) -> str:
@@ -29,16 +38,19 @@ class Tracker:
         self.active = rank == 0
         self.cfg = cfg
         self.run_id = run_id
+        self.mlflow = None
         if not self.active:
             return
-        import mlflow
-
-        self.mlflow = mlflow
         run_dir = cfg.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
         _truncate_after(self.metrics_path, resume_step)  # steps after the checkpoint are redone
         self._file = open(self.metrics_path, "a")
+        if not cfg.tracking.mlflow:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
         mlflow.set_tracking_uri(default_tracking_uri(cfg))
         _experiment(mlflow, cfg)
         sysm = cfg.tracking.system_metrics
@@ -54,10 +66,11 @@ class Tracker:
             return
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         self._file.flush()
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def artifact(self, path: Path, subdir: str | None = None) -> None:
-        if self.active and Path(path).exists():
+        if self.active and self.mlflow is not None and Path(path).exists():
             if Path(path).is_dir():
                 self.mlflow.log_artifacts(str(path), artifact_path=subdir)
             else:
@@ -66,7 +79,8 @@ class Tracker:
     def close(self, status: str = "FINISHED") -> None:
         if self.active:
             self._file.close()
-            self.mlflow.end_run(status=status)
+            if self.mlflow is not None:
+                self.mlflow.end_run(status=status)
 
 
 def _truncate_after(path: Path, step: int) -> None:

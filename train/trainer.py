@@ -24,7 +24,7 @@ from train.config import RunConfig, resolve_model_params
 from train.engine import build_engine, forward_view
 from train.export import write_export
 from train.preempt import EXIT_PREEMPTED, SignalWatch
-from train.tracking import Tracker, plot_loss
+from train.tracking import Tracker, keep_mlflow_out, plot_loss
 
 
 def build_distributed() -> tuple[int, int, torch.device]:
@@ -159,6 +159,7 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 def pretrain(cfg: RunConfig) -> dict:
+    keep_mlflow_out(cfg)
     rank, world, device = build_distributed()
     corpus = Path(cfg.data.corpus)
     manifest = read_manifest(corpus)

@@ -68,3 +68,12 @@ def test_preset_family_mismatch():
 def test_values_that_cannot_work_are_refused_with_the_key(override, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(REPO / "configs/pretrain/demo_mae.yaml", [override])
+
+
+def test_an_export_dir_holding_other_files_is_refused_before_training(tmp_path):
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "paper.tex").write_text("keep")
+    with pytest.raises(ConfigError, match=re.escape(f"export_dir: {mine} exists and is not an export")):
+        load_config(REPO / "configs/pretrain/demo_mae.yaml", [f"export_dir={mine}"])
+    load_config(REPO / "configs/pretrain/demo_mae.yaml", [f"export_dir={tmp_path / 'new'}"])  # a new folder is fine

@@ -1,0 +1,137 @@
+"""Files and folders that readers see whole or not at all. Standard library only.
+
+``write_atomic`` replaces one file (temp file, fsync, rename, fsync of the folder). ``replace_dir``
+puts a fully written folder in place of another in one step: on Linux the two are swapped with
+``renameat2(RENAME_EXCHANGE)``, so there is no moment without a complete folder under the name;
+elsewhere the old folder is moved aside first and put back by the next writer if a crash came in
+between. Leftovers of crashed writers (``.NAME.tmp-PID``, ``.NAME.old-PID`` of dead processes) are
+removed by the next write.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file under ``root`` and every folder, on disk."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def write_atomic(path: Path, data: bytes, tmp: Path | None = None) -> Path:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never a torn one."""
+    tmp = tmp or path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def check_replaceable(out: Path, marker: str, what: str) -> None:
+    """``out`` is replaced as a whole: refuse a folder that holds anything but an earlier ``what``
+    (recognised by its ``marker`` file), so a mistyped path never deletes someone's files."""
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise FileExistsError(f"{out}: exists and is not a {what} (no {marker}); it would be replaced as a whole. "
+                              f"Pass a new or empty folder, or the folder of an earlier {what}")
+
+
+def temp_sibling(out: Path) -> Path:
+    """An empty folder beside ``out`` to write the new version into (then ``replace_dir``)."""
+    _clean_leftovers(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_folder(out: Path, marker: str, what: str, write) -> Path:
+    """``write(tmp)`` fills a temporary sibling folder, which then replaces ``out`` in one step
+    (``out`` may hold only an earlier ``what``, recognised by its ``marker`` file)."""
+    out = Path(out)
+    check_replaceable(out, marker, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> Path:
+    """Put the folder ``tmp`` (fully written) at ``out``, replacing what was there in one step."""
+    fsync_tree(tmp)
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp)  # now the old version
+    else:
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)  # a crash here leaves old aside: the next writer puts it back (_clean_leftovers)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    fsync_dir(out.parent)
+    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the system or filesystem cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = pat.match(p.name)
+        if not m or (_alive(int(m.group(2))) and int(m.group(2)) != os.getpid()):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            os.rename(p, out)  # a writer died between its two renames: the old version comes back
+        else:
+            shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,23 @@
+"""A Zarr-only run without MLflow imports neither mlflow nor tiledbsoma (nor the Census client)."""
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli
+
+SCRIPT = """
+import json, sys
+from train.__main__ import main
+rc = main(sys.argv[1:])
+print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules.items()) if v is not None} & {"mlflow", "tiledbsoma", "cellxgene_census"})), rc)
+"""
+
+
+def test_zarr_run_without_tracking_imports_no_mlflow_and_no_tiledbsoma(tmp_path, small_corpus):
+    p = run_cli(["-c", SCRIPT, "pretrain", "--config", "configs/pretrain/demo_mae.yaml", f"corpus={small_corpus}",
+                 f"out_dir={tmp_path}", "name=light", "max_steps=2", "data.batch_size=16", "tracking.mlflow=false",
+                 "tracking.progress=false", "tracking.log_every=1", "data.backend=zarr"], timeout=300)
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("MODULES"))
+    assert json.loads(line.split(" ", 2)[1]) == [] and line.endswith(" 0")
+    assert [json.loads(x)["step"] for x in (tmp_path / "light" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "light" / "export" / "model.safetensors").is_file()
