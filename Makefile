@@ -1,7 +1,9 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Each sets up .venv itself.
 SHELL := /bin/bash
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
+VENV_ARGS ?=
+TORCH ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
@@ -9,11 +11,12 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia
 .PHONY: setup demo test clean bench-loader bench-corpus bench-annotation bench-gpu bench-real bench-downstream
 
 $(STAMP): pyproject.toml constraints.txt
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or 3.12, or run make PYTHON=/path/to/python3.12"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch: the one the venv already sees is kept (yours: make VENV_ARGS=--system-site-packages);
+	# else pinned first, as an unpinned resolve would pull the newest multi-GB CUDA build
+	$(PY) -c "import torch; print('keeping torch', torch.__version__)" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

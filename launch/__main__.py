@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 
-def plan(cfg, world_size: int) -> dict:
-    """Batch arithmetic and a per-rank memory estimate (weights, grads, Adam states by ZeRO stage)."""
+def plan(cfg, world_size: int, gpu_mem_gib: float = 80.0) -> dict:
+    """Batch arithmetic, FLOPs per cell and a per-rank memory estimate: weights, grads and Adam states
+    by ZeRO stage, activations per cell (measured on a probe, ``train.flops``), and the largest per-rank
+    batch that fits 90% of ``gpu_mem_gib``."""
     if world_size < 1:
         raise ValueError(f"world size {world_size}: pass --nnodes and --nproc-per-node of at least 1")
     from scmodels.build import build_model
@@ -39,13 +41,26 @@ def plan(cfg, world_size: int) -> dict:
     if cfg.engine.offload_optimizer:
         adam = 0.0
     micro = cfg.data.batch_size
+    from train.flops import activation_bytes_per_cell, flops_per_cell
+
+    # activations: measured per cell in fp32 (train.flops), about half in bf16 (precision auto = bf16 on GPUs)
+    act = activation_bytes_per_cell(cfg.model.family, params, cfg.model.checkpoint_layers)
+    act *= 1.0 if cfg.engine.precision == "fp32" else 0.5
+    inputs = n_genes * 4 * 3
+    state = weights + grads + adam
+    fits = int((0.9 * gpu_mem_gib * 2**30 - state) // (act + inputs))
     return {
         "world_size": W, "per_rank_batch": micro, "grad_accum": cfg.engine.grad_accum,
         "global_batch": micro * cfg.engine.grad_accum * W, "zero_stage": stage,
         "offload_optimizer": cfg.engine.offload_optimizer, "model": cfg.model.family, "n_genes": n_genes,
         "parameters": n_params, "trainable": trainable,
-        "est_state_gib_per_rank": round((weights + grads + adam) / 2**30, 3),
-        "est_input_gib_per_rank": round(micro * n_genes * 4 * 3 / 2**30, 3),
+        "train_gflops_per_cell": round(flops_per_cell(cfg.model.family, params, cfg.objective).train / 1e9, 3),
+        "checkpoint_layers": cfg.model.checkpoint_layers,
+        "est_activation_mib_per_cell": round(act / 2**20, 2),
+        "est_state_gib_per_rank": round(state / 2**30, 3),
+        "est_input_gib_per_rank": round(micro * inputs / 2**30, 3),
+        "est_gib_per_rank": round((state + micro * (act + inputs)) / 2**30, 2),
+        f"largest_batch_per_rank_{gpu_mem_gib:g}gib": max(fits, 0),
     }
 
 
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("--hostfile", default=None, help="deepspeed launcher hostfile (see launch/hostfile.example)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the command, run nothing")
+    p.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="GPU memory for the plan's largest-batch estimate (default: this GPU's, else 80)")
     a = p.parse_args(argv)
     import torch
 
@@ -99,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     train_args = ["--config", a.config, *a.overrides]
     cmd = torchrun_cmd(a, train_args) if a.launcher == "torchrun" else deepspeed_cmd(a, train_args)
     world = a.nproc_per_node * a.nnodes
-    info = plan(cfg, world)
+    mem = a.gpu_mem_gib or (torch.cuda.get_device_properties(0).total_memory / 2**30
+                            if torch.cuda.is_available() else 80.0)
+    info = plan(cfg, world, mem)
     print("plan: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     print("command: " + shlex.join(cmd), flush=True)
     if a.dry_run:

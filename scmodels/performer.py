@@ -7,12 +7,62 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+
+import performer_pytorch.performer_pytorch as _pp
 import torch
 from performer_pytorch import Performer
 from performer_pytorch.performer_pytorch import FastAttention
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 MASK_TOKEN = 6  # tokens 0..5 are expression bins
+
+
+def _favor(data: torch.Tensor, proj: torch.Tensor, is_query: bool, normalize_data: bool, eps: float) -> torch.Tensor:
+    """FAVOR+ positive random features (performer-pytorch's ``softmax_kernel``, same formula), in fp32:
+    exp() of bf16 differences loses the small features the attention normaliser sums."""
+    normalizer = data.shape[-1] ** -0.25 if normalize_data else 1.0
+    ratio = proj.shape[0] ** -0.5
+    dash = torch.einsum("...id,jd->...ij", normalizer * data, proj)
+    diag = (data * data).sum(dim=-1, keepdim=True) * (0.5 * normalizer ** 2)
+    stab = dash.amax(dim=-1, keepdim=True) if is_query else dash.amax(dim=(-1, -2), keepdim=True)
+    return ratio * (torch.exp(dash - diag - stab.detach()) + eps)
+
+
+_fused = {"fn": None, "failed": False}
+
+
+def softmax_kernel_fp32(data, *, projection_matrix, is_query, normalize_data=True, eps=1e-4, device=None):
+    """Drop-in for performer-pytorch's ``softmax_kernel``: computed in fp32 whatever the input dtype,
+    returned in the input's dtype. On CUDA one ``torch.compile``d kernel (einsum, exp and the
+    reductions fused; SCPRETRAIN_FUSED_FAVOR=0 turns it off); eager elsewhere or if compiling fails."""
+    fn = _favor
+    if data.is_cuda and os.environ.get("SCPRETRAIN_FUSED_FAVOR", "1") != "0" and not _fused["failed"]:
+        if _fused["fn"] is None:
+            _fused["fn"] = torch.compile(_favor, dynamic=False)
+        fn = _fused["fn"]
+    try:
+        out = fn(data.float(), projection_matrix.float(), is_query, normalize_data, eps)
+    except Exception as e:  # noqa: BLE001 - a compiler problem must not stop training
+        if fn is _favor:
+            raise
+        _fused["failed"] = True
+        print(f"[scmodels] fused FAVOR+ kernel unavailable ({type(e).__name__}: {e}); using the eager one", flush=True)
+        out = _favor(data.float(), projection_matrix.float(), is_query, normalize_data, eps)
+    return out.to(data.dtype)
+
+
+# FastAttention looks the kernel up in its module at call time: every Performer built here uses this one
+reference_softmax_kernel = getattr(_pp, "reference_softmax_kernel", _pp.softmax_kernel)
+_pp.reference_softmax_kernel = reference_softmax_kernel
+_pp.softmax_kernel = softmax_kernel_fp32
+
+
+def _layer(attn: nn.Module, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One Performer layer exactly as performer-pytorch's SequentialSequence runs it (pre-norm residuals)."""
+    x = x + attn(x)
+    return x + ff(x)
 
 
 @dataclass
@@ -61,6 +111,9 @@ class PerformerEncoder(nn.Module):
         self.to_out = nn.Linear(cfg.dim, cfg.n_tokens)
         self.register_buffer("forward_calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("redraws", torch.zeros((), dtype=torch.long))
+        # activation checkpointing per layer (training only; ``model.checkpoint_layers``): each layer keeps
+        # its input and recomputes its activations in the backward pass, ~depth x less activation memory
+        self.checkpoint_layers = False
 
     def load_gene_embedding(self, weights: torch.Tensor) -> None:
         """Copy a [n_genes, width] gene-identity matrix (e.g. gene2vec) in, cast to float32 (the
@@ -101,6 +154,10 @@ class PerformerEncoder(nn.Module):
             raise ValueError(f"expected {self.seq_len} positions (n_genes + 1), got {tokens.shape[1]}")
         self._maybe_redraw()
         x = self.token_emb(tokens) + self.gene_identity().unsqueeze(0)
+        if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+            for attn, ff in self.performer.net.layers:
+                x = checkpoint(_layer, attn, ff, x, use_reentrant=False)
+            return self.norm(x)
         return self.norm(self.performer(x))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

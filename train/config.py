@@ -56,6 +56,9 @@ class ModelConfig:
     # A file width other than params.dim: "random" projects it once by a fixed seeded matrix,
     # "learned" keeps the full width and trains a Linear(width -> dim) (GenePT-style text embeddings).
     gene_embedding_projection: str = "random"
+    # Performer: recompute each layer's activations in the backward pass instead of keeping them
+    # (scbert_base at 16,907 positions: a larger batch per GPU for ~1/3 more compute)
+    checkpoint_layers: bool = False
 
 
 @dataclass
@@ -264,6 +267,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         (cfg.data.batch_size >= 1, f"data.batch_size: {cfg.data.batch_size}; set 1 or more cells per rank"),
         (cfg.engine.grad_accum >= 1, f"engine.grad_accum: {cfg.engine.grad_accum}; set 1 or more"),
     ]
+    checks.append((not cfg.model.checkpoint_layers or cfg.model.family == "performer",
+                   "model.checkpoint_layers: only the performer family checkpoints its layers (the MAE's "
+                   "activations are a few vectors per cell); remove it"))
     out = cfg.export_path
     checks.append((out is None or not out.is_dir() or not any(out.iterdir()) or (out / "config.json").is_file(),
                    f"export_dir: {out} exists and is not an export (no config.json); the export replaces it as a "

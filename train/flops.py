@@ -84,6 +84,46 @@ def flops_per_cell(family: str, hparams: dict, objective=None) -> Flops:
     return mae_flops(cfg)
 
 
+def activation_bytes_per_cell(family: str, hparams: dict, checkpoint_layers: bool = False,
+                              probe_genes: int = 1024) -> float:
+    """Bytes autograd keeps per cell for the backward pass (fp32; bf16 keeps about half).
+
+    Measured, not modelled: one forward + loss of a 2-cell batch under ``saved_tensors_hooks``,
+    summing every distinct saved tensor that is not a parameter. A Performer's activations grow
+    linearly with its sequence, so it is probed at ``probe_genes`` positions and scaled. With
+    ``checkpoint_layers`` a Performer keeps each layer's input (depth x positions x dim) plus, during
+    the backward pass, one layer's activations (the measured total / depth)."""
+    import torch
+
+    from scmodels.build import build_model
+
+    n = hparams["n_genes"]
+    probe = min(n, probe_genes) if family == "performer" else n
+    model = build_model(family, {**hparams, "n_genes": probe})
+    model.train()
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    batch, g = 2, torch.Generator().manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if family == "performer":
+            model(torch.randint(0, 6, (batch, probe + 1), generator=g)).float().mean()
+        else:
+            model(torch.rand(batch, probe, generator=g)).mean()
+    params = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    per_cell = sum(v for k, v in seen.items() if k not in params) / batch
+    if family != "performer":
+        return per_cell
+    per_cell *= (n + 1) / (probe + 1)
+    if checkpoint_layers:
+        depth, dim = model.cfg.depth, model.cfg.dim
+        per_cell = per_cell / depth + depth * (n + 1) * dim * 4
+    return per_cell
+
+
 def main(argv: list[str] | None = None) -> None:
     import yaml
 

@@ -81,6 +81,8 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     model = build_model(cfg.model.family, params)
     if emb is not None:
         model.load_gene_embedding(emb)
+    if cfg.model.checkpoint_layers:
+        model.checkpoint_layers = True
     if kind in objectives.CONTRASTIVE:
         from scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
 

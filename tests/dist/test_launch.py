@@ -68,3 +68,17 @@ def test_two_agents_rendezvous_over_c10d(tmp_path, small_corpus):
     rows = metrics(tmp_path / "runs" / "twonode")
     assert rows[-1]["step"] == 4 and rows[-1]["cells_seen"] == 4 * 32 * 2
     assert json.loads((tmp_path / "runs" / "twonode" / "deepspeed_config.json").read_text())["train_batch_size"] == 64
+
+
+def test_dry_run_estimates_performer_memory_and_checkpointing_shrinks_it():
+    """scbert_base at 16,906 genes: FLOPs and activation memory per cell, and the batch that fits 80 GiB."""
+    def plan(*extra):
+        p = run_cli(["-m", "launch", "--config", "configs/pretrain/demo_performer.yaml", "corpus=/nonexistent",
+                     "model.preset=scbert_base", "engine.precision=bf16", *extra, "--gpu-mem-gib", "80", "--dry-run"])
+        line = next(ln for ln in p.stdout.splitlines() if ln.startswith("plan: "))
+        return dict(kv.split("=", 1) for kv in line[len("plan: "):].split(", "))
+
+    full, ckpt = plan(), plan("model.checkpoint_layers=true")
+    assert full["n_genes"] == "16906" and float(full["train_gflops_per_cell"]) > 100
+    assert float(ckpt["est_activation_mib_per_cell"]) < float(full["est_activation_mib_per_cell"]) / 3
+    assert int(ckpt["largest_batch_per_rank_80gib"]) > 3 * int(full["largest_batch_per_rank_80gib"]) >= 0

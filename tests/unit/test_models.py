@@ -211,3 +211,40 @@ def test_redraws_use_linalg_qr_not_deprecated_torch_qr(monkeypatch):
     m = build_model("performer", TINY_P)
     m.redraw_projections()
     assert int(m.redraws) == 1
+
+
+def test_favor_features_are_performer_pytorchs_formula_in_fp32():
+    from scmodels.performer import reference_softmax_kernel, softmax_kernel_fp32
+
+    g = torch.Generator().manual_seed(0)
+    data, proj = torch.randn(2, 3, 50, 16, generator=g), torch.randn(24, 16, generator=g)
+    for is_query in (True, False):
+        ref = reference_softmax_kernel(data, projection_matrix=proj, is_query=is_query)
+        ours = softmax_kernel_fp32(data, projection_matrix=proj, is_query=is_query)
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-7)
+        # bf16 in, bf16 out, but computed in fp32: closer to the fp32 features than performer-pytorch's bf16 pass
+        b = data.to(torch.bfloat16)
+        ours16 = softmax_kernel_fp32(b, projection_matrix=proj, is_query=is_query)
+        ref16 = reference_softmax_kernel(b, projection_matrix=proj, is_query=is_query)
+        exact = reference_softmax_kernel(b.float(), projection_matrix=proj, is_query=is_query)
+        assert ours16.dtype == torch.bfloat16
+        assert (ours16.float() - exact).abs().mean() < (ref16.float() - exact).abs().mean()
+
+
+def test_performer_layer_checkpointing_gives_the_same_loss_and_gradients():
+    from scmodels.build import build_model
+
+    torch.manual_seed(0)
+    m = build_model("performer", {"n_genes": 40, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "nb_features": 12,
+                                  "feature_redraw_interval": 0})
+    tokens = torch.randint(0, 6, (3, 41))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.checkpoint_layers = ckpt
+        loss = m(tokens).square().mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == len(grads[1][1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
