@@ -41,8 +41,9 @@ bench-corpus: setup
 bench-annotation: setup
 	$(PY) -m benchmarks.bench_annotation
 
+# the prepared device check (stages 0-4, JSON per stage); here it runs the CPU dry run
 bench-gpu: setup
-	$(PY) -m benchmarks.bench_gpu
+	bash benchmarks/gpu_check.sh $(if $(shell command -v nvidia-smi),,--cpu-dry-run) --out bench_out/gpu_check
 
 # Real cells (Kang 2018 PBMCs, downloaded once into ~/.cache/scpretrain): pretrain on CTRL, annotate STIM
 bench-real: setup

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from scmodels.atomic import fsync_dir, fsync_tree
 from sharding import manifest as mf
-from sharding import soma_store, zarr_store
+from sharding import zarr_store
 from sharding.errors import InputError
 from sharding.obs import FIXED_COLUMNS, ObsPlan, plan_obs
 from sharding.readahead import read_ahead
@@ -420,6 +420,8 @@ def _write_shard(job: _Pass2, shard: int) -> None:
         record["sha256"], record["dtypes"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec,
                                                                job.x_dtype)
     if job.format != "zarr":
+        from sharding import soma_store  # only SOMA builds import tiledbsoma
+
         soma_store.write_rows(job.out / "soma", int(job.offsets[shard]), csr, obs, replace=job.soma_resumed)
     mf.write_atomic(build_dir / "done" / f"shard-{shard:05d}.json", json.dumps(record).encode())
     spool.remove(shard)
@@ -432,6 +434,8 @@ def _soma_ready(build_dir: Path, uri: Path, state: dict[str, Any], vocab: Vocab,
     if marker.exists() and uri.exists():
         return True
     shutil.rmtree(uri, ignore_errors=True)  # half-created by a crash: start it again
+    from sharding import soma_store
+
     soma_store.create_experiment(uri, n_cells=state["n_cells"], genes=vocab.pairs(),
                                  obs_columns=["cell_id"] + string_cols)
     marker.touch()

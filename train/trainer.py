@@ -213,6 +213,7 @@ def pretrain(cfg: RunConfig) -> dict:
     watch = SignalWatch(cfg.checkpoint.save_on_signal)
     preempted, committed = None, False
     trace = _CellTrace(run_dir, rank, world, step) if cfg.tracking.trace_cells else None
+    loop_start = time.perf_counter()
     while step < stop_at:
         t0, batches.wait = time.perf_counter(), 0.0
         for micro in range(cfg.engine.grad_accum):
@@ -232,7 +233,9 @@ def pretrain(cfg: RunConfig) -> dict:
         dt = time.perf_counter() - t0
         if step % cfg.tracking.log_every == 0 or step == cfg.max_steps:
             last_loss = _mean_across_ranks(loss.detach().float())
+            # wall_s after the loss all-reduce (a device sync): throughput between two rows is exact
             metrics = {"loss": last_loss, "lr": engine.get_lr()[0], "cells_seen": cells, **_memory(device),
+                       "wall_s": time.perf_counter() - loop_start,
                        "cells_per_s": cfg.data.batch_size * cfg.engine.grad_accum * world / dt,
                        "data_stall_frac": batches.wait / dt, "epoch": loader.epoch,
                        **{k: float(v) for k, v in extra.items()}}

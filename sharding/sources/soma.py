@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
-import tiledbsoma as soma
 
 from sharding.errors import InputError
 from sharding.sources.base import Block, Source, first_line, source_genes
@@ -169,6 +168,8 @@ def open_soma_source(spec: str, prefix: str) -> SomaSource:
     if not uri:
         raise InputError(f"{spec}: no experiment path; write soma://PATH (e.g. soma://data/atlas.soma)")
     try:
+        import tiledbsoma as soma  # here: a build from other sources never imports it
+
         exp = soma.Experiment.open(uri)
     except Exception as exc:  # DoesNotExistError, SOMAError (not an Experiment), TileDBError
         raise InputError(f"{spec}: cannot open a TileDB-SOMA Experiment at {uri} ({first_line(exc)}); "

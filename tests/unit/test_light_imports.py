@@ -1,4 +1,5 @@
-"""A Zarr-only run without MLflow imports neither mlflow nor tiledbsoma (nor the Census client)."""
+"""A Zarr-only build and a Zarr-only run without MLflow import neither mlflow nor tiledbsoma (nor the Census
+client): a GPU box or a user's environment needs neither installed for them."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,21 @@ print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules
 """
 
 
-def test_zarr_run_without_tracking_imports_no_mlflow_and_no_tiledbsoma(tmp_path, small_corpus):
-    p = run_cli(["-c", SCRIPT, "pretrain", "--config", "configs/pretrain/demo_mae.yaml", f"corpus={small_corpus}",
+BUILD = """
+import json, sys
+from sharding.__main__ import main
+rc = main(sys.argv[1:])
+print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules.items()) if v is not None} & {"mlflow", "tiledbsoma", "cellxgene_census"})), rc)
+"""
+
+
+def test_zarr_build_and_run_without_tracking_import_no_mlflow_and_no_tiledbsoma(tmp_path):
+    corpus = tmp_path / "corpus"
+    p = run_cli(["-c", BUILD, "build", "--source", "synthetic://cells=600,genes=120,types=3,datasets=2,seed=0",
+                 "--out", str(corpus), "--format", "zarr"], timeout=300)
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("MODULES"))
+    assert json.loads(line.split(" ", 2)[1]) == [] and line.endswith(" 0")
+    p = run_cli(["-c", SCRIPT, "pretrain", "--config", "configs/pretrain/demo_mae.yaml", f"corpus={corpus}",
                  f"out_dir={tmp_path}", "name=light", "max_steps=2", "data.batch_size=16", "tracking.mlflow=false",
                  "tracking.progress=false", "tracking.log_every=1", "data.backend=zarr"], timeout=300)
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("MODULES"))
