@@ -8,7 +8,9 @@ Needs root (the daemons run as root, ``SlurmUser=root``) and Debian's packages `
 slurm-client munge`` (installed with apt-get when missing). Its config, state, spool and logs live in
 DIR (default /tmp/scpretrain-slurm); the daemons are started and stopped by their PID files. One
 partition ``cpu`` with every core of this machine; ``JobRequeue=1``; ``KillWait=60`` (the seconds
-between SIGTERM and SIGKILL when a job is cancelled, requeued or preempted: room for a checkpoint).
+between SIGTERM and SIGKILL when a job is cancelled, requeued or preempted: room for a checkpoint);
+``AuthInfo=cred_expire=10`` (a requeued job may start again after 10 s instead of Slurm's default 120 s:
+one node, no slow prologs).
 munge uses the system key (``/etc/munge/munge.key``, made when missing) and socket.
 """
 from __future__ import annotations
@@ -76,6 +78,7 @@ def write_conf(d: Path) -> Path:
 SlurmctldHost={host}
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
