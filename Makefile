@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch: the one the venv already sees is kept (yours: make VENV_ARGS=--system-site-packages);
 	# else pinned first, as an unpinned resolve would pull the newest multi-GB CUDA build
 	$(PY) -c "import torch; print('keeping torch', torch.__version__)" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[train,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

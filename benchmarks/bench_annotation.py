@@ -46,7 +46,7 @@ def pbmc_adata() -> Any:
     """The 700 labelled PBMC cells with integer counts, via the demo's own recovery from ``.raw``."""
     import anndata
 
-    from launch.demo import pbmc_counts_h5ad
+    from scpretrain.launch.demo import pbmc_counts_h5ad
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "pbmc68k_counts.h5ad"
@@ -62,9 +62,9 @@ def write_random_export(src: str | Path, out: str | Path, seed: int = 0) -> Path
     """
     import torch
 
-    import evaluate
-    import scmodels
-    from train.export import export_model
+    from scpretrain import evaluate
+    from scpretrain import scmodels
+    from scpretrain.train.export import export_model
 
     source = evaluate.load_export(src)
     with torch.random.fork_rng(devices=[]):
@@ -76,7 +76,7 @@ def write_random_export(src: str | Path, out: str | Path, seed: int = 0) -> Path
 
 
 def labelled(adata: Any, key: str, name: str) -> tuple[Any, np.ndarray]:
-    from evaluate.finetune import labels_of
+    from scpretrain.evaluate.finetune import labels_of
 
     labels, rows = labels_of(adata, key, name=name)
     return adata[rows].copy() if len(rows) < adata.n_obs else adata, labels
@@ -106,14 +106,14 @@ def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 # --- methods --------------------------------------------------------------------------------------
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, float]:
-    from evaluate.metrics import classification_metrics
+    from scpretrain.evaluate.metrics import classification_metrics
 
     m = classification_metrics(y_true, y_pred, classes)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
 
 def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int) -> np.ndarray:
-    from evaluate.annotate import knn_proba
+    from scpretrain.evaluate.annotate import knn_proba
 
     proba, classes = knn_proba(train_x, train_y, test_x, k=k)  # every neighbour votes: the MAE protocol
     return np.asarray(classes)[proba.argmax(axis=1)]
@@ -124,7 +124,7 @@ def pca_knn_predict(train_counts: Any, train_y: np.ndarray, test_counts: Any, k:
     """Log-normalize, PCA (fit on the training fold), kNN: the classical scanpy embedding."""
     from sklearn.decomposition import PCA
 
-    from evaluate.report import log_normalize
+    from scpretrain.evaluate.report import log_normalize
 
     tr, te = log_normalize(train_counts).toarray(), log_normalize(test_counts).toarray()
     pca = PCA(n_components=min(n_comps, tr.shape[0] - 1, tr.shape[1]), random_state=seed).fit(tr)
@@ -133,7 +133,7 @@ def pca_knn_predict(train_counts: Any, train_y: np.ndarray, test_counts: Any, k:
 
 def head_predict(model: Any, train_counts: Any, train_y: np.ndarray, test_counts: Any, head: str, mode: str,
                  unfreeze: int, seed: int, device: str | None, fit_kwargs: dict) -> np.ndarray:
-    from evaluate.finetune import fit_classifier
+    from scpretrain.evaluate.finetune import fit_classifier
 
     clf = fit_classifier(model, train_counts, train_y, head, mode, unfreeze, seed=seed, device=device,
                          **fit_kwargs)
@@ -146,11 +146,11 @@ def head_predict(model: Any, train_counts: Any, train_y: np.ndarray, test_counts
 def run_pbmc(args: argparse.Namespace, fit_kwargs: dict) -> dict[str, Any]:
     import scipy.sparse as sp
 
-    import evaluate
-    from evaluate.align import align_to_vocab
-    from evaluate.classifier import resolve_kind
-    from evaluate.embedding import embed_counts
-    from evaluate.report import logreg_predict
+    from scpretrain import evaluate
+    from scpretrain.evaluate.align import align_to_vocab
+    from scpretrain.evaluate.classifier import resolve_kind
+    from scpretrain.evaluate.embedding import embed_counts
+    from scpretrain.evaluate.report import logreg_predict
 
     adata, labels = labelled(pbmc_adata(), "cell_type", "pbmc68k_reduced")
     classes = sorted(set(labels.tolist()))
@@ -191,10 +191,10 @@ def run_transfer(args: argparse.Namespace, fit_kwargs: dict) -> dict[str, Any]:
     import anndata
     import scipy.sparse as sp
 
-    import evaluate
-    from evaluate.align import align_to_vocab, count_source
-    from evaluate.classifier import resolve_kind
-    from evaluate.report import logreg_predict
+    from scpretrain import evaluate
+    from scpretrain.evaluate.align import align_to_vocab, count_source
+    from scpretrain.evaluate.classifier import resolve_kind
+    from scpretrain.evaluate.report import logreg_predict
 
     random_dir = args.random_export
     if random_dir is None:

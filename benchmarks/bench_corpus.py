@@ -71,7 +71,7 @@ def write_input_h5ad(path: Path, *, cells: int, genes: int, nnz_per_cell: float,
     import pandas as pd
     from anndata.io import sparse_dataset, write_elem
 
-    from sharding.synthetic import SyntheticAtlas, SyntheticParams
+    from scpretrain.sharding.synthetic import SyntheticAtlas, SyntheticParams
 
     stamp = path.with_name(path.name + ".params")
     wanted = f"cells={cells},genes={genes},nnz_per_cell={nnz_per_cell},seed={seed}"

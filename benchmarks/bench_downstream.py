@@ -21,7 +21,7 @@ from benchmarks.downstream_data import write_split
 
 
 def knn_acc(ref: np.ndarray, y_ref: np.ndarray, q: np.ndarray, y_q: np.ndarray, k: int = 5) -> float:
-    from evaluate.annotate import knn_proba
+    from scpretrain.evaluate.annotate import knn_proba
 
     p, classes = knn_proba(ref, y_ref, q, k=k)
     return float(np.mean(np.asarray(classes)[p.argmax(1)] == y_q))
@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     import anndata
     from sklearn.decomposition import PCA
 
-    from evaluate import load_export
-    from evaluate.baseline import LogRegBaseline, log_normalize
-    from evaluate.metrics import classification_metrics
+    from scpretrain.evaluate import load_export
+    from scpretrain.evaluate.baseline import LogRegBaseline, log_normalize
+    from scpretrain.evaluate.metrics import classification_metrics
 
     rows = []
     for exp in a.exports:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         b = classification_metrics(y_q, base.predict(q.X), classes)
         key = model.embedding_key
         emb_ref = ref.copy()
-        from evaluate import embed
+        from scpretrain.evaluate import embed
 
         embed(model, emb_ref, verbose=False)
         lr, lq = log_normalize(ref.X).toarray(), log_normalize(q.X).toarray()

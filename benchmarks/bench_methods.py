@@ -72,7 +72,7 @@ def row(*cells: Any) -> str:
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], rare: list[str]) -> dict[str, float]:
-    from evaluate.metrics import classification_metrics
+    from scpretrain.evaluate.metrics import classification_metrics
 
     m = classification_metrics(y_true, y_pred, classes)
     rec = [m["per_class"][c]["recall"] for c in rare if m["per_class"][c]["support"]]
@@ -82,7 +82,7 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], rare: li
 # --- (a) long tail ----------------------------------------------------------------------------------
 
 def run_longtail(args: argparse.Namespace, data: dict) -> dict[str, Any]:
-    from evaluate.finetune import fit_head
+    from scpretrain.evaluate.finetune import fit_head
 
     labels, classes = data["labels"], data["classes"]
     out: dict[str, Any] = {"imbalance": args.imbalance, "rare": {}, "train_counts": [], "rows": {}}
@@ -126,7 +126,7 @@ def longtail_table(res: dict[str, Any], data: dict) -> str:
 
 def gene_tables(args: argparse.Namespace, data: dict, encoder: Any) -> dict[str, Any]:
     """label -> GeneVectors: the real file, or stand-ins (each label says which)."""
-    from evaluate.genept import GeneVectors, export_gene_vectors
+    from scpretrain.evaluate.genept import GeneVectors, export_gene_vectors
 
     if args.gene_embeddings:
         return {f"GenePT-w, {args.gene_embeddings}": GeneVectors.load(args.gene_embeddings)}
@@ -148,7 +148,7 @@ def gene_tables(args: argparse.Namespace, data: dict, encoder: Any) -> dict[str,
 def run_genept(args: argparse.Namespace, data: dict, encoder: Any) -> dict[str, Any]:
     import scipy.sparse as sp
 
-    from evaluate.genept import genept_w
+    from scpretrain.evaluate.genept import genept_w
 
     labels, classes, adata = data["labels"], data["classes"], data["adata"]
     tables = gene_tables(args, data, encoder)
@@ -181,7 +181,7 @@ def genept_table(res: dict[str, Any], data: dict, k: int) -> str:
 # --- (c) LangCell zero-shot ----------------------------------------------------------------------------
 
 def run_langcell(args: argparse.Namespace, data: dict, encoder: Any) -> dict[str, Any]:
-    from evaluate.langcell import fit_langcell, zero_shot
+    from scpretrain.evaluate.langcell import fit_langcell, zero_shot
 
     labels, classes = data["labels"], data["classes"]
     holdout = args.holdout or classes
@@ -234,7 +234,7 @@ def langcell_table(res: dict[str, Any], data: dict, n_folds: int) -> str:
 # --- main -------------------------------------------------------------------------------------------
 
 def load_text_encoder(args: argparse.Namespace) -> Any:
-    from evaluate.langcell import text_encoder
+    from scpretrain.evaluate.langcell import text_encoder
 
     if args.label_embeddings:
         return text_encoder(label_embeddings=args.label_embeddings)
@@ -281,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    import evaluate
-    from evaluate.align import align_to_vocab
-    from evaluate.embedding import embed_counts
+    from scpretrain import evaluate
+    from scpretrain.evaluate.align import align_to_vocab
+    from scpretrain.evaluate.embedding import embed_counts
 
     adata, labels = labelled(pbmc_adata(), "cell_type", "pbmc68k_reduced")
     data = {"adata": adata, "labels": labels, "classes": sorted(set(labels.tolist())), "n_cells": len(labels),

@@ -75,7 +75,7 @@ def prepare(kang: Path, work: Path) -> dict[str, Path]:
 # --- methods ----------------------------------------------------------------------------------------
 
 def scores(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    from evaluate.metrics import classification_metrics
+    from scpretrain.evaluate.metrics import classification_metrics
 
     m = classification_metrics(y, pred, classes)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
@@ -84,7 +84,7 @@ def scores(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any
 
 
 def head_pred(model: Any, ref: Any, y_ref: np.ndarray, query: Any, head: str, mode: str, seed: int) -> np.ndarray:
-    from evaluate.finetune import fit_classifier
+    from scpretrain.evaluate.finetune import fit_classifier
 
     clf = fit_classifier(model, ref, y_ref, head, mode, seed=seed)
     proba, _ = clf.predict(query)
@@ -92,7 +92,7 @@ def head_pred(model: Any, ref: Any, y_ref: np.ndarray, query: Any, head: str, mo
 
 
 def knn_pred(ref_emb: np.ndarray, y_ref: np.ndarray, q_emb: np.ndarray, k: int = 5) -> np.ndarray:
-    from evaluate.annotate import knn_proba
+    from scpretrain.evaluate.annotate import knn_proba
 
     p, classes = knn_proba(ref_emb, y_ref, q_emb, k=k)
     return np.asarray(classes)[p.argmax(1)]
@@ -111,12 +111,12 @@ def table(args: argparse.Namespace, paths: dict, exports: dict[str, Path]) -> di
     import anndata
     from sklearn.decomposition import PCA
 
-    import evaluate
+    from scpretrain import evaluate
     from benchmarks.bench_annotation import write_random_export
-    from evaluate.align import align_to_vocab
-    from evaluate.baseline import LogRegBaseline, log_normalize
-    from evaluate.embedding import embed_counts
-    from evaluate.genept import GeneVectors, export_gene_vectors, genept_w
+    from scpretrain.evaluate.align import align_to_vocab
+    from scpretrain.evaluate.baseline import LogRegBaseline, log_normalize
+    from scpretrain.evaluate.embedding import embed_counts
+    from scpretrain.evaluate.genept import GeneVectors, export_gene_vectors, genept_w
 
     ctrl, stim = anndata.read_h5ad(paths["ctrl"]), anndata.read_h5ad(paths["stim"])
     y_ref, y_q = ctrl.obs[LABEL].astype(str).to_numpy(), stim.obs[LABEL].astype(str).to_numpy()
@@ -200,9 +200,9 @@ def table(args: argparse.Namespace, paths: dict, exports: dict[str, Path]) -> di
 def transfer(args: argparse.Namespace, paths: dict, export: Path, table_rows: dict) -> dict[str, Any]:
     import anndata
 
-    import evaluate
-    from evaluate.align import align_to_vocab
-    from evaluate.baseline import LogRegBaseline
+    from scpretrain import evaluate
+    from scpretrain.evaluate.align import align_to_vocab
+    from scpretrain.evaluate.baseline import LogRegBaseline
 
     ctrl, stim = anndata.read_h5ad(paths["ctrl"]), anndata.read_h5ad(paths["stim"])
     y_ref, y_q = ctrl.obs[LABEL].astype(str).to_numpy(), stim.obs[LABEL].astype(str).to_numpy()

@@ -102,14 +102,14 @@ def stage2(out: Path, presets: list[tuple[str, Path, int]], steps: int, peak: fl
            sheet: float | None, dry: bool) -> dict:
     import torch
 
-    from data_loader.collate import model_inputs
-    from data_loader.stream import StreamingLoader
-    from scmodels.build import default_preprocessing
-    from sharding.manifest import read_vocab
-    from train import objectives
-    from train.config import load_config
-    from train.flops import flops_per_cell
-    from train.trainer import build_model_for
+    from scpretrain.data_loader.collate import model_inputs
+    from scpretrain.data_loader.stream import StreamingLoader
+    from scpretrain.scmodels.build import default_preprocessing
+    from scpretrain.sharding.manifest import read_vocab
+    from scpretrain.train import objectives
+    from scpretrain.train.config import load_config
+    from scpretrain.train.flops import flops_per_cell
+    from scpretrain.train.trainer import build_model_for
 
     cuda = torch.cuda.is_available() and not dry
     device = torch.device("cuda" if cuda else "cpu")
@@ -163,10 +163,10 @@ def stage2(out: Path, presets: list[tuple[str, Path, int]], steps: int, peak: fl
 def stage3(out: Path, corpus_dir: Path, workers: list[int], batch: int, batches: int, dry: bool) -> dict:
     import torch
 
-    from data_loader.collate import model_inputs
-    from data_loader.stream import StreamingLoader
-    from scmodels.build import default_preprocessing
-    from sharding.manifest import read_vocab
+    from scpretrain.data_loader.collate import model_inputs
+    from scpretrain.data_loader.stream import StreamingLoader
+    from scpretrain.scmodels.build import default_preprocessing
+    from scpretrain.sharding.manifest import read_vocab
 
     device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
     n_genes, spec = len(read_vocab(corpus_dir)), default_preprocessing("mae")
@@ -193,11 +193,11 @@ def stage4(out: Path, presets: list[tuple[str, Path, int]], steps: int, nproc: i
            dry: bool) -> dict:
     import torch
 
-    from sharding.manifest import read_vocab
-    from train.config import load_config
-    from train.flops import flops_per_cell
-    from scmodels.build import build_model
-    from train.config import resolve_model_params
+    from scpretrain.sharding.manifest import read_vocab
+    from scpretrain.train.config import load_config
+    from scpretrain.train.flops import flops_per_cell
+    from scpretrain.scmodels.build import build_model
+    from scpretrain.train.config import resolve_model_params
 
     cuda = torch.cuda.is_available() and not dry
     rows = {}

@@ -36,7 +36,7 @@ DATASETS = 4
 
 
 def _atlas(cells: int, genes: int, nnz_per_cell: float, seed: int):
-    import sharding.synthetic as syn
+    import scpretrain.sharding.synthetic as syn
 
     syn.SPARSE_DENSITY = 1.0  # the sampler whose cost follows the non-zeros, at any density
     density = min(0.89, nnz_per_cell / genes)
@@ -183,7 +183,7 @@ def corpus_labels(corpus: Path, types: list[str]) -> np.ndarray:
     """cell_type code indexed by the corpus's global ``cell_id`` (read from its Zarr shards' obs)."""
     import zarr
 
-    from sharding.manifest import read_manifest
+    from scpretrain.sharding.manifest import read_manifest
 
     m = read_manifest(corpus)
     if not m.get("zarr"):
@@ -229,7 +229,7 @@ def write_sorted_soma(h5ad: Path, uri: Path, rows: int = 16384, log=print) -> No
     import h5py
     import scipy.sparse as sp
 
-    from sharding import soma_store
+    from scpretrain.sharding import soma_store
 
     a = ad.read_h5ad(h5ad, backed="r")
     genes = [(str(g), str(g)) for g in a.var_names]

@@ -4,8 +4,8 @@ Public API: ``StreamingLoader`` (the iterable of batches with ``state_dict``/``l
 ``MixedLoader`` (several corpora in fixed proportions per batch) and ``model_inputs`` (CSR batch ->
 model inputs on the device).
 """
-from data_loader.collate import model_inputs
-from data_loader.mix import MixedLoader
-from data_loader.stream import StreamingLoader
+from scpretrain.data_loader.collate import model_inputs
+from scpretrain.data_loader.mix import MixedLoader
+from scpretrain.data_loader.stream import StreamingLoader
 
 __all__ = ["StreamingLoader", "MixedLoader", "model_inputs"]

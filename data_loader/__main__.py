@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def trace(a: argparse.Namespace) -> dict:
-    from data_loader.stream import StreamingLoader
+    from scpretrain.data_loader.stream import StreamingLoader
 
     state = json.loads(Path(a.state_in).read_text()) if a.state_in else None
     ranks = [a.rank] if a.rank is not None else list(range(a.world_size))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from scmodels.preprocess import PreprocessSpec, csr_to_dense, preprocess
+from scpretrain.scmodels.preprocess import PreprocessSpec, csr_to_dense, preprocess
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

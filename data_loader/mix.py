@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_loader.stream import StreamingLoader
+from scpretrain.data_loader.stream import StreamingLoader
 
 
 def split_batch(batch_size: int, weights: Sequence[float]) -> list[int]:

@@ -237,7 +237,7 @@ class ZarrReader:
         Numeric arrays are read by the direct chunk decoder (no zarr-python); text columns (AnnData
         strings or categoricals) go through zarr once and are kept as codes, not one Python string
         per cell."""
-        from data_loader.zarr_chunks import ChunkedArray
+        from scpretrain.data_loader.zarr_chunks import ChunkedArray
 
         node = path / "obs" / col
         try:
@@ -278,7 +278,7 @@ class ZarrReader:
         return arrs
 
     def _open_shard(self, shard: int) -> dict:
-        from data_loader.zarr_chunks import ChunkedArray
+        from scpretrain.data_loader.zarr_chunks import ChunkedArray
 
         self._executor()
         path = self.paths[shard]
@@ -298,7 +298,7 @@ class ZarrReader:
     def check_files(self) -> None:
         """Every chunk file of every shard's X/indices and X/data exists: a damaged corpus stops a run at step 0,
         naming the chunk (one directory listing per array; ``python -m sharding verify`` checks contents)."""
-        from data_loader.zarr_chunks import check_chunk_files
+        from scpretrain.data_loader.zarr_chunks import check_chunk_files
 
         for path in self.paths:
             for name in ("indptr", "indices", "data"):

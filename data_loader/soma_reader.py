@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from data_loader.readers import Block, scatter_rows, window_layout
+from scpretrain.data_loader.readers import Block, scatter_rows, window_layout
 
 
 class SomaReader:

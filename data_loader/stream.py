@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_loader.readers import Block, ZarrReader, slice_rows
-from data_loader.soma_reader import SomaReader
-from sharding.manifest import read_manifest
-from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
+from scpretrain.data_loader.readers import Block, ZarrReader, slice_rows
+from scpretrain.data_loader.soma_reader import SomaReader
+from scpretrain.sharding.manifest import read_manifest
+from scpretrain.sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
                            consumed_per_stream, resume_state, segment_length, stream_batches)
 
 

@@ -5,7 +5,8 @@ for Performer exports; matplotlib and umap-learn for the pictures); never DeepSp
 TileDB-SOMA, Zarr or the training code. ``anndata`` is not imported here: pass any
 AnnData you have read yourself.
 
-    import anndata, evaluate
+    import anndata
+    from scpretrain import evaluate
     model = evaluate.load_export("exports/mae_lung_v1")
     adata = anndata.read_h5ad("mine.h5ad")            # raw counts in X (or pass layer=...)
     evaluate.embed(model, adata)                        # adata.obsm["X_mae"]
@@ -19,16 +20,16 @@ for rare cell types (``evaluate.longtail``); ``genept_embed`` / ``genept_annotat
 baseline from a per-gene embedding file (``evaluate.genept``); ``langcell_annotate``, zero-shot
 labels from label-text embeddings (``evaluate.langcell``).
 """
-from evaluate.annotate import annotate
-from evaluate.classifier import Classifier
-from evaluate.embedding import embed
-from evaluate.errors import EvaluateError
-from evaluate.export_io import Export, load_export
-from evaluate.finetune import finetune
-from evaluate.genept import genept_annotate, genept_embed
-from evaluate.heads import Head
-from evaluate.langcell import langcell_annotate
-from evaluate.report import report
+from scpretrain.evaluate.annotate import annotate
+from scpretrain.evaluate.classifier import Classifier
+from scpretrain.evaluate.embedding import embed
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.export_io import Export, load_export
+from scpretrain.evaluate.finetune import finetune
+from scpretrain.evaluate.genept import genept_annotate, genept_embed
+from scpretrain.evaluate.heads import Head
+from scpretrain.evaluate.langcell import langcell_annotate
+from scpretrain.evaluate.report import report
 
 __all__ = ["Classifier", "EvaluateError", "Export", "Head", "annotate", "embed", "finetune",
            "genept_annotate", "genept_embed", "langcell_annotate", "load_export", "report"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evaluate.errors import EvaluateError
+from scpretrain.evaluate.errors import EvaluateError
 
 DESCRIPTION = """\
 Use an exported encoder (a directory written by `python -m train export`) on your own cells.
@@ -322,9 +322,9 @@ def _langcell_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from evaluate import annotate, embed, finetune, load_export, report
-    from evaluate.classifier import resolve_kind
-    from evaluate.report import format_table
+    from scpretrain.evaluate import annotate, embed, finetune, load_export, report
+    from scpretrain.evaluate.classifier import resolve_kind
+    from scpretrain.evaluate.report import format_table
 
     verbose = not args.quiet
     if args.command == "genept":
@@ -382,7 +382,7 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_genept(args: argparse.Namespace, verbose: bool) -> None:
-    from evaluate.genept import GeneVectors, genept_annotate, genept_embed
+    from scpretrain.evaluate.genept import GeneVectors, genept_annotate, genept_embed
 
     genes = GeneVectors.load(args.gene_embeddings, args.genes_file)
     query = _read(args.query)
@@ -399,7 +399,7 @@ def _run_genept(args: argparse.Namespace, verbose: bool) -> None:
 
 
 def _run_langcell(args: argparse.Namespace, model: Any, common: dict) -> None:
-    from evaluate.langcell import langcell_annotate, read_descriptions, text_encoder
+    from scpretrain.evaluate.langcell import langcell_annotate, read_descriptions, text_encoder
 
     encoder = text_encoder(args.label_embeddings, args.sentence_model)
     if args.load_head is None and args.reference is None:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from evaluate.errors import EvaluateError
-from scmodels.genes import normalize_gene_id
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.scmodels.genes import normalize_gene_id
 
 # var columns that often hold gene ids or symbols (scanpy's 10x reader, CELLxGENE, Seurat conversions).
 GENE_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "feature_id", "gene_symbols", "feature_name", "symbol")

@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluate.align import align_to_vocab
-from evaluate.embedding import as_export, embed_counts
-from evaluate.errors import EvaluateError
-from evaluate.export_io import Export
+from scpretrain.evaluate.align import align_to_vocab
+from scpretrain.evaluate.embedding import as_export, embed_counts
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.export_io import Export
 
 UNASSIGNED = "Unassigned"
 KNN_RADIUS_QUANTILE = 0.99
@@ -82,7 +82,7 @@ def write_pictures(out_dir: str | Path, embedding: np.ndarray, predicted: np.nda
                    truth: np.ndarray | None = None, classes: list[str] | None = None, seed: int = 0,
                    umap: bool = True) -> dict[str, str]:
     """umap.png (coloured by prediction, and by truth when given) and, with truth, confusion_matrix.png."""
-    from evaluate.plots import plot_confusion, plot_umap, umap_coordinates  # matplotlib only when asked
+    from scpretrain.evaluate.plots import plot_confusion, plot_umap, umap_coordinates  # matplotlib only when asked
 
     out = Path(out_dir)
     files: dict[str, str] = {}
@@ -97,8 +97,8 @@ def write_pictures(out_dir: str | Path, embedding: np.ndarray, predicted: np.nda
 
 
 def _resolve_head(head: Any) -> Any:
-    from evaluate.classifier import Classifier
-    from evaluate.heads import HEAD_KINDS, Head
+    from scpretrain.evaluate.classifier import Classifier
+    from scpretrain.evaluate.heads import HEAD_KINDS, Head
 
     if isinstance(head, (Head, Classifier)) or head in ("auto", *HEAD_KINDS, "knn"):
         return head
@@ -132,7 +132,7 @@ def calibrate_threshold(top_p: np.ndarray, reject_rate: float) -> float:
 
 
 def _heldout_scores(y_true: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, float]:
-    from evaluate.metrics import classification_metrics
+    from scpretrain.evaluate.metrics import classification_metrics
 
     m = classification_metrics(y_true, pred, classes)
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]}
@@ -201,10 +201,10 @@ def annotate(
     without them. With ``plot_dir``: umap.png (and confusion_matrix.png when the query
     has ``obs[label_key]``).
     """
-    from evaluate.align import nonempty_cells
-    from evaluate.baseline import LogRegBaseline
-    from evaluate.classifier import as_classifier
-    from evaluate.finetune import labels_of, stratified_split
+    from scpretrain.evaluate.align import nonempty_cells
+    from scpretrain.evaluate.baseline import LogRegBaseline
+    from scpretrain.evaluate.classifier import as_classifier
+    from scpretrain.evaluate.finetune import labels_of, stratified_split
 
     model = as_export(model)
     head = _resolve_head(head)
@@ -310,7 +310,7 @@ def fit_best_mode(model: Export, ref: Any, labels: np.ndarray, va: np.ndarray, h
 
     Returns (classifier, held-out scores, the kept classifier's top probabilities on ``va``).
     """
-    from evaluate.finetune import fit_classifier
+    from scpretrain.evaluate.finetune import fit_classifier
 
     cands = AUTO_CANDIDATES[model.family] if mode == "auto" else ((mode, head),)
     if mode == "auto" and head != "auto":

@@ -34,11 +34,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from evaluate.embedding import pick_device
-from evaluate.errors import EvaluateError
-from evaluate.export_io import Export
-from evaluate.heads import CONFIG_FILE as HEAD_CONFIG, Head, save_folder
-from scmodels import preprocess
+from scpretrain.evaluate.embedding import pick_device
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.export_io import Export
+from scpretrain.evaluate.heads import CONFIG_FILE as HEAD_CONFIG, Head, save_folder
+from scpretrain.scmodels import preprocess
 
 MODES = ("frozen", "partial", "full")
 ENCODER_FILE = "encoder.safetensors"

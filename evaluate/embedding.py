@@ -8,8 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from evaluate.align import Coverage, align_to_vocab
-from evaluate.export_io import Export, load_export
+from scpretrain.evaluate.align import Coverage, align_to_vocab
+from scpretrain.evaluate.export_io import Export, load_export
 
 
 def as_export(model: Export | str | Path) -> Export:

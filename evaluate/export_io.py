@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from evaluate.errors import EvaluateError
-from scmodels import FAMILIES, PreprocessSpec, build_model, embedding_key, preprocess
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.scmodels import FAMILIES, PreprocessSpec, build_model, embedding_key, preprocess
 
 # Newest export layout this reader understands; train/export.py writes the same number.
 SUPPORTED_FORMAT_VERSION = 1

@@ -19,14 +19,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from evaluate.align import align_to_vocab
-from evaluate.classifier import Classifier, resolve_kind
-from evaluate.embedding import as_export, embed_counts, pick_device
-from evaluate.errors import EvaluateError
-from evaluate.export_io import Export
-from evaluate.heads import HEAD_KINDS, Head
-from evaluate.longtail import Criterion, LongTail, make_criterion, mine_hard
-from evaluate.longtail import class_weights  # noqa: F401  (importable from here, as before)
+from scpretrain.evaluate.align import align_to_vocab
+from scpretrain.evaluate.classifier import Classifier, resolve_kind
+from scpretrain.evaluate.embedding import as_export, embed_counts, pick_device
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.export_io import Export
+from scpretrain.evaluate.heads import HEAD_KINDS, Head
+from scpretrain.evaluate.longtail import Criterion, LongTail, make_criterion, mine_hard
+from scpretrain.evaluate.longtail import class_weights  # noqa: F401  (importable from here, as before)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

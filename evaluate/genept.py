@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from evaluate.align import align_to_vocab, count_source, strip_version
-from scmodels.genes import ENSEMBL_ID
-from evaluate.errors import EvaluateError
-from evaluate.vectors import read_vectors
+from scpretrain.evaluate.align import align_to_vocab, count_source, strip_version
+from scpretrain.scmodels.genes import ENSEMBL_ID
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.vectors import read_vectors
 
 WEIGHTS = ("log1p", "normalized", "counts")
 _ENSEMBL = ENSEMBL_ID
@@ -174,8 +174,8 @@ def genept_annotate(
     when the neighbours are farther than ``max_distance``, as ``annotate(head="knn")``),
     ``obs["predicted_<label_key>_probability"]`` and ``obsm["X_genept"]``; returns ``adata``.
     """
-    from evaluate.annotate import UNASSIGNED, _write, assign, knn_proba
-    from evaluate.finetune import labels_of
+    from scpretrain.evaluate.annotate import UNASSIGNED, _write, assign, knn_proba
+    from scpretrain.evaluate.finetune import labels_of
 
     genes = as_gene_vectors(genes)
     labels, rows = labels_of(reference, label_key)

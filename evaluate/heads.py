@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from evaluate.errors import EvaluateError
-from scmodels.atomic import write_folder
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.scmodels.atomic import write_folder
 
 HEAD_FORMAT_VERSION = 1
 HEAD_KINDS = ("linear", "mlp", "scbert")

@@ -40,9 +40,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from evaluate.errors import EvaluateError
-from evaluate.longtail import Criterion
-from evaluate.vectors import read_vectors
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.longtail import Criterion
+from scpretrain.evaluate.vectors import read_vectors
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "langcell.safetensors"
@@ -218,7 +218,7 @@ class LangCellHead(nn.Module):
                 "text_encoder": self.encoder_name, "export": self.export_info, "training": self.training_info}
 
     def save(self, directory: str | Path) -> Path:
-        from evaluate.heads import save_folder
+        from scpretrain.evaluate.heads import save_folder
 
         def write(d: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(d / WEIGHTS_FILE))
@@ -301,7 +301,7 @@ def fit_langcell(
 
     Early stopping on the InfoNCE of a stratified validation split, best epoch kept.
     """
-    from evaluate.finetune import _encode_labels, _train, stratified_split
+    from scpretrain.evaluate.finetune import _encode_labels, _train, stratified_split
 
     labels, classes, y_all = _encode_labels(labels)
     if len(classes) < 2:
@@ -382,10 +382,10 @@ def langcell_annotate(
     ``obs["predicted_<label_key>"]`` ("Unassigned" below ``threshold``),
     ``obs["predicted_<label_key>_probability"]`` and the export's embedding; returns ``adata``.
     """
-    from evaluate.align import align_to_vocab
-    from evaluate.annotate import UNASSIGNED, _write, assign
-    from evaluate.embedding import as_export, embed_counts
-    from evaluate.finetune import export_info, labels_of
+    from scpretrain.evaluate.align import align_to_vocab
+    from scpretrain.evaluate.annotate import UNASSIGNED, _write, assign
+    from scpretrain.evaluate.embedding import as_export, embed_counts
+    from scpretrain.evaluate.finetune import export_info, labels_of
 
     if encoder is None:
         raise EvaluateError(NO_ENCODER)

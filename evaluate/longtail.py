@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evaluate.errors import EvaluateError
+from scpretrain.evaluate.errors import EvaluateError
 
 LOSSES = ("ce", "weighted_ce", "gaussian_inflation")
 _HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|eps| for eps ~ N(0, 1)

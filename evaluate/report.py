@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from evaluate.align import align_to_vocab
-from evaluate.baseline import DESCRIPTION as LOGREG
-from evaluate.baseline import log_normalize, logreg_predict  # noqa: F401  (importable from here, as before)
-from evaluate.annotate import UNASSIGNED, VAL_FRACTION, fit_best_mode, assign, knn_proba, write_pictures
-from evaluate.embedding import as_export, embed_counts
-from evaluate.errors import EvaluateError
-from evaluate.export_io import Export
-from evaluate.finetune import labels_of, stratified_split
+from scpretrain.evaluate.align import align_to_vocab
+from scpretrain.evaluate.baseline import DESCRIPTION as LOGREG
+from scpretrain.evaluate.baseline import log_normalize, logreg_predict  # noqa: F401  (importable from here, as before)
+from scpretrain.evaluate.annotate import UNASSIGNED, VAL_FRACTION, fit_best_mode, assign, knn_proba, write_pictures
+from scpretrain.evaluate.embedding import as_export, embed_counts
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.export_io import Export
+from scpretrain.evaluate.finetune import labels_of, stratified_split
 
 
 def report(
@@ -56,7 +56,7 @@ def report(
     ``umap=False`` skips it) there. Accuracy and macro F1 use each method's top
     prediction; the head's "Unassigned" rate at ``threshold`` is reported beside them.
     """
-    from evaluate.metrics import classification_metrics  # scikit-learn, only needed here
+    from scpretrain.evaluate.metrics import classification_metrics  # scikit-learn, only needed here
 
     model = as_export(model)
     labels, rows = labels_of(adata, label_key, name="adata")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluate.errors import EvaluateError
+from scpretrain.evaluate.errors import EvaluateError
 
 NAME_FILES = (".genes.txt", ".labels.txt", ".names.txt")
 

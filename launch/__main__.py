@@ -22,9 +22,9 @@ def plan(cfg, world_size: int, gpu_mem_gib: float = 80.0) -> dict:
     batch that fits 90% of ``gpu_mem_gib``."""
     if world_size < 1:
         raise ValueError(f"world size {world_size}: pass --nnodes and --nproc-per-node of at least 1")
-    from scmodels.build import build_model
-    from sharding.manifest import read_vocab
-    from train.config import resolve_model_params
+    from scpretrain.scmodels.build import build_model
+    from scpretrain.sharding.manifest import read_vocab
+    from scpretrain.train.config import resolve_model_params
 
     try:
         n_genes = len(read_vocab(cfg.data.corpus))
@@ -41,7 +41,7 @@ def plan(cfg, world_size: int, gpu_mem_gib: float = 80.0) -> dict:
     if cfg.engine.offload_optimizer:
         adam = 0.0
     micro = cfg.data.batch_size
-    from train.flops import activation_bytes_per_cell, flops_per_cell
+    from scpretrain.train.flops import activation_bytes_per_cell, flops_per_cell
 
     # activations: measured per cell in fp32 (train.flops), about half in bf16 (precision auto = bf16 on GPUs)
     act = activation_bytes_per_cell(cfg.model.family, params, cfg.model.checkpoint_layers)
@@ -71,7 +71,7 @@ def torchrun_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
         cmd.append("--standalone")
     else:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={a.rdzv_endpoint}", f"--rdzv-id={a.rdzv_id}"]
-    return cmd + ["-m", "train", "pretrain", *train_args]
+    return cmd + ["-m", "scpretrain.train", "pretrain", *train_args]
 
 
 def deepspeed_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
@@ -79,7 +79,7 @@ def deepspeed_cmd(a: argparse.Namespace, train_args: list[str]) -> list[str]:
     cmd = [local if os.path.exists(local) else "deepspeed", f"--num_gpus={a.nproc_per_node}"]
     if a.hostfile:
         cmd += [f"--hostfile={a.hostfile}"]
-    return cmd + ["--module", "train", "pretrain", *train_args]
+    return cmd + ["--module", "scpretrain.train", "pretrain", *train_args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from train.config import ConfigError, load_config
+    from scpretrain.train.config import ConfigError, load_config
 
     if a.nproc_per_node is None or a.nproc_per_node == 0:  # 0: what SLURM says on nodes without GPU GRES
         a.nproc_per_node = torch.cuda.device_count() or 2
@@ -152,7 +152,7 @@ def run_forwarding_signals(cmd: list[str], env: dict, marker: Path, grace: float
 
     import psutil
 
-    from train.preempt import EXIT_PREEMPTED
+    from scpretrain.train.preempt import EXIT_PREEMPTED
 
     started = time.time()
     # the scheduler may signal every process of the job step, torchrun's agent included: a SIGUSR1/2 there

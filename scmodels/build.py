@@ -5,9 +5,9 @@ from dataclasses import asdict, fields
 
 from torch import nn
 
-from scmodels.mae import MAE, MAEConfig
-from scmodels.performer import PerformerConfig, PerformerEncoder
-from scmodels.preprocess import PreprocessSpec
+from scpretrain.scmodels.mae import MAE, MAEConfig
+from scpretrain.scmodels.performer import PerformerConfig, PerformerEncoder
+from scpretrain.scmodels.preprocess import PreprocessSpec
 
 FAMILIES = {"mae": (MAE, MAEConfig), "performer": (PerformerEncoder, PerformerConfig)}
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scmodels.mae import MAE
+from scpretrain.scmodels.mae import MAE
 
 METHODS = ("byol", "barlow")
 

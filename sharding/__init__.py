@@ -4,6 +4,6 @@ The reading side used by the loader lives in ``sharding.manifest``:
 ``read_manifest``, ``read_vocab``, ``vocab_sha256`` and ``shard_sha256``.
 """
 
-from sharding.errors import InputError
+from scpretrain.sharding.errors import InputError
 
 __all__ = ["InputError"]

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sharding.errors import InputError
+from scpretrain.sharding.errors import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from sharding.build import BuildConfig, build
+    from scpretrain.sharding.build import BuildConfig, build
 
     cfg = BuildConfig(
         sources=args.source, out=args.out, vocab=args.vocab, format=args.format,
@@ -93,7 +93,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from sharding.check import verify
+    from scpretrain.sharding.check import verify
 
     problems = verify(args.dir)
     for line in problems:
@@ -106,7 +106,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from sharding.check import summarize
+    from scpretrain.sharding.check import summarize
 
     print(summarize(args.dir))
     return 0

@@ -34,16 +34,16 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from scmodels.atomic import fsync_dir, fsync_tree
-from sharding import manifest as mf
-from sharding import zarr_store
-from sharding.errors import InputError
-from sharding.obs import FIXED_COLUMNS, ObsPlan, plan_obs
-from sharding.readahead import read_ahead
-from sharding.sources import CensusOptions, Source, open_sources
-from sharding.spool import Categories, ShardSpool
-from sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, parse_matrix
-from sharding.vocab import Alignment, Vocab, align, check_coverage, derive_vocab
+from scpretrain.scmodels.atomic import fsync_dir, fsync_tree
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding import zarr_store
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.obs import FIXED_COLUMNS, ObsPlan, plan_obs
+from scpretrain.sharding.readahead import read_ahead
+from scpretrain.sharding.sources import CensusOptions, Source, open_sources
+from scpretrain.sharding.spool import Categories, ShardSpool
+from scpretrain.sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, parse_matrix
+from scpretrain.sharding.vocab import Alignment, Vocab, align, check_coverage, derive_vocab
 
 FORMATS = ("zarr", "soma", "both")
 _COUNTED = ("cell_type", "dataset_id", "split")  # per-shard tallies summed into the manifest
@@ -420,7 +420,7 @@ def _write_shard(job: _Pass2, shard: int) -> None:
         record["sha256"], record["dtypes"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec,
                                                                job.x_dtype)
     if job.format != "zarr":
-        from sharding import soma_store  # only SOMA builds import tiledbsoma
+        from scpretrain.sharding import soma_store  # only SOMA builds import tiledbsoma
 
         soma_store.write_rows(job.out / "soma", int(job.offsets[shard]), csr, obs, replace=job.soma_resumed)
     mf.write_atomic(build_dir / "done" / f"shard-{shard:05d}.json", json.dumps(record).encode())
@@ -434,7 +434,7 @@ def _soma_ready(build_dir: Path, uri: Path, state: dict[str, Any], vocab: Vocab,
     if marker.exists() and uri.exists():
         return True
     shutil.rmtree(uri, ignore_errors=True)  # half-created by a crash: start it again
-    from sharding import soma_store
+    from scpretrain.sharding import soma_store
 
     soma_store.create_experiment(uri, n_cells=state["n_cells"], genes=vocab.pairs(),
                                  obs_columns=["cell_id"] + string_cols)
@@ -504,6 +504,6 @@ def _no_bar(cfg: BuildConfig) -> bool | None:
 
 
 def _print_summary(out: Path, manifest: dict[str, Any], log: Callable[[str], None]) -> None:
-    from sharding.check import summarize  # the same summary `inspect` prints
+    from scpretrain.sharding.check import summarize  # the same summary `inspect` prints
 
     log(summarize(out, manifest))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sharding import manifest as mf
-from sharding import zarr_store
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding import zarr_store
 
 _TOP = 10
 
@@ -64,7 +64,7 @@ def verify(corpus_dir: str | Path) -> list[str]:
         if sum(s["n_cells"] for s in shards) != m["n_cells"] or sum(s["nnz"] for s in shards) != m["nnz"]:
             problems.append("manifest.json: shard cells/nnz do not add up to n_cells/nnz")
     if m.get("soma"):
-        from sharding import soma_store  # only corpora with a SOMA store import tiledbsoma
+        from scpretrain.sharding import soma_store  # only corpora with a SOMA store import tiledbsoma
 
         soma = m["soma"]
         uri = mf.resolve_inside(out, soma["path"])

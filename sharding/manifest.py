@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from scmodels.atomic import write_atomic  # noqa: F401 - the corpus's files are written with it
-from sharding.errors import InputError
+from scpretrain.scmodels.atomic import write_atomic  # noqa: F401 - the corpus's files are written with it
+from scpretrain.sharding.errors import InputError
 
 FORMAT_VERSION = 1
 TOOL = "scpretrain 0.1.0"

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from sharding.errors import InputError
-from sharding.sources import Source
-from sharding.validate import Holdout
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources import Source
+from scpretrain.sharding.validate import Holdout
 
 FIXED_COLUMNS = ["cell_id", "dataset_id", "cell_type", "source", "split"]
 UNKNOWN = "unknown"

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sharding.errors import InputError
+from scpretrain.sharding.errors import InputError
 
 UNIT = 256
 SPARSE_DENSITY = 0.02  # at or below this density, the sampler whose cost follows the non-zeros

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sharding.errors import InputError
+from scpretrain.sharding.errors import InputError
 
 _EXAMPLES = 5
 

@@ -15,9 +15,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from scmodels.genes import ENSEMBL_GENE_ID
-from scmodels.genes import normalize_gene_id as strip_version
-from sharding.errors import InputError
+from scpretrain.scmodels.genes import ENSEMBL_GENE_ID
+from scpretrain.scmodels.genes import normalize_gene_id as strip_version
+from scpretrain.sharding.errors import InputError
 
 # var columns that commonly hold stable ids or symbols (AnnData, CELLxGENE, 10x conventions)
 ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id", "ensembl_gene_id")

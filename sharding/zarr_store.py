@@ -25,7 +25,7 @@ import zarr
 import zarr.codecs as zc
 from anndata.io import write_elem
 
-from sharding.errors import InputError
+from scpretrain.sharding.errors import InputError
 
 CHUNK_NNZ = 65_536
 CODECS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4")

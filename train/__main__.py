@@ -23,15 +23,15 @@ def _cpu_defaults() -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from train.config import ConfigError, load_config
+    from scpretrain.train.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from train.preempt import EXIT_PREEMPTED
-    from train.trainer import pretrain
+    from scpretrain.train.preempt import EXIT_PREEMPTED
+    from scpretrain.train.trainer import pretrain
 
     result = pretrain(cfg)
     return EXIT_PREEMPTED if result.get("preempted") else 0
@@ -39,7 +39,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def resolve_checkpoint(path: Path) -> tuple[Path, str]:
     """CKPT may be a tag dir, the checkpoints root, or '<root>/latest' (newest committed tag)."""
-    from train.checkpoint import MARKER, committed_tags
+    from scpretrain.train.checkpoint import MARKER, committed_tags
 
     if path.name == "latest" or not (path / MARKER).exists():
         root = path.parent if path.name == "latest" else path
@@ -53,12 +53,12 @@ def resolve_checkpoint(path: Path) -> tuple[Path, str]:
 def cmd_export(args: argparse.Namespace) -> int:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from scmodels.preprocess import PreprocessSpec
-    from sharding.manifest import read_vocab
-    from train.export import write_export
+    from scpretrain.scmodels.preprocess import PreprocessSpec
+    from scpretrain.sharding.manifest import read_vocab
+    from scpretrain.train.export import write_export
 
-    from scmodels.atomic import check_replaceable
-    from train.checkpoint import verify
+    from scpretrain.scmodels.atomic import check_replaceable
+    from scpretrain.train.checkpoint import verify
 
     try:
         check_replaceable(Path(args.out), "config.json", "export")

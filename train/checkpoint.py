@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from scmodels.atomic import fsync_tree, replace_dir, temp_sibling, write_atomic
-from train import comm, faults
+from scpretrain.scmodels.atomic import fsync_tree, replace_dir, temp_sibling, write_atomic
+from scpretrain.train import comm, faults
 
 MARKER = "COMMITTED"
 TRAINER_STATE = "trainer_state.json"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from train.config import RunConfig
+from scpretrain.train.config import RunConfig
 
 
 def use_bf16(cfg: RunConfig, device_type: str) -> bool:

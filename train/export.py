@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from scmodels.atomic import check_replaceable, replace_dir, temp_sibling
-from scmodels.build import embedding_key, hparams_of
-from scmodels.preprocess import PreprocessSpec
+from scpretrain.scmodels.atomic import check_replaceable, replace_dir, temp_sibling
+from scpretrain.scmodels.build import embedding_key, hparams_of
+from scpretrain.scmodels.preprocess import PreprocessSpec
 
 EXPORT_FORMAT_VERSION = 1
 
@@ -48,7 +48,7 @@ def _model_card(cfg: dict) -> str:
         f"- preprocessing: `{json.dumps(cfg['preprocessing'])}` applied to raw counts\n"
         f"- trained steps: {prov.get('steps', '?')}, cells seen: {prov.get('cells_seen', '?')}\n"
         f"- corpus manifest sha256: {prov.get('corpus_manifest_sha256', '?')}\n\n"
-        "## Use\n\n```python\nimport anndata, evaluate\nmodel = evaluate.load_export('THIS_DIR')\n"
+        "## Use\n\n```python\nimport anndata\nfrom scpretrain import evaluate\nmodel = evaluate.load_export('THIS_DIR')\n"
         "adata = anndata.read_h5ad('cells.h5ad')  # raw counts in X\n"
         f"evaluate.embed(model, adata)  # adata.obsm['{embedding_key(fam)}']\n```\n"
     )

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from scmodels.build import model_config
-from scmodels.mae import MAEConfig
-from scmodels.performer import PerformerConfig
+from scpretrain.scmodels.build import model_config
+from scpretrain.scmodels.mae import MAEConfig
+from scpretrain.scmodels.performer import PerformerConfig
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def activation_bytes_per_cell(family: str, hparams: dict, checkpoint_layers: boo
     the backward pass, one layer's activations (the measured total / depth)."""
     import torch
 
-    from scmodels.build import build_model
+    from scpretrain.scmodels.build import build_model
 
     n = hparams["n_genes"]
     probe = min(n, probe_genes) if family == "performer" else n
@@ -127,7 +127,7 @@ def activation_bytes_per_cell(family: str, hparams: dict, checkpoint_layers: boo
 def main(argv: list[str] | None = None) -> None:
     import yaml
 
-    from train.config import REPO, ModelConfig, resolve_model_params
+    from scpretrain.train.config import REPO, ModelConfig, resolve_model_params
 
     ap = argparse.ArgumentParser(prog="python -m train.flops", description="Analytic FLOPs per cell of a model preset")
     ap.add_argument("--preset", required=True, help="a file in configs/model/ without .yaml, e.g. mae_base")

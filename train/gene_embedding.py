@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sharding.vocab import strip_version
+from scpretrain.sharding.vocab import strip_version
 
 
 @dataclass
@@ -110,7 +110,7 @@ def load_gene_embedding(path: str | Path, vocab: "list[tuple[str, str]] | str | 
     Deterministic in ``seed`` (the random rows of unmatched genes); every rank gets the same matrix.
     """
     if isinstance(vocab, (str, Path)):
-        from sharding.manifest import read_vocab
+        from scpretrain.sharding.manifest import read_vocab
 
         vocab = read_vocab(vocab)
     names, mat = read_embedding_file(path, genes_file)

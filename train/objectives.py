@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scmodels.performer import MASK_TOKEN
+from scpretrain.scmodels.performer import MASK_TOKEN
 
 KINDS = ("auto", "masked_bins", "random_mask", "gene_programme", "isolated", "byol", "barlow")
 FAMILY_KINDS = {"mae": ("random_mask", "gene_programme", "isolated", "byol", "barlow"), "performer": ("masked_bins",)}
@@ -84,7 +84,7 @@ def read_gmt(path: str | Path) -> list[tuple[str, list[str]]]:
 def load_programmes(path: str | Path, vocab: "list[tuple[str, str]]") -> Programmes:
     """Map a GMT file's gene names to vocabulary columns (by id or symbol, whichever matches more);
     programmes with no gene in the vocabulary are dropped."""
-    from train.gene_embedding import align_names
+    from scpretrain.train.gene_embedding import align_names
 
     sets = read_gmt(path)
     names_flat = sorted({g for _, genes in sets for g in genes})
@@ -105,7 +105,7 @@ def load_programmes(path: str | Path, vocab: "list[tuple[str, str]]") -> Program
 
 @functools.lru_cache(maxsize=4)
 def _programmes_cached(gmt: str, corpus: str, device: str) -> Programmes:
-    from sharding.manifest import read_vocab
+    from scpretrain.sharding.manifest import read_vocab
 
     return load_programmes(gmt, read_vocab(corpus)).to(device)
 

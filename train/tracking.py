@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sharding.manifest import redact
-from train.config import RunConfig, to_flat
+from scpretrain.sharding.manifest import redact
+from scpretrain.train.config import RunConfig, to_flat
 
 
 def keep_mlflow_out(cfg: RunConfig) -> None:

@@ -16,15 +16,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from data_loader import MixedLoader, StreamingLoader, model_inputs
-from scmodels.build import build_model, default_preprocessing, export_module, hparams_of
-from sharding.manifest import read_manifest, read_vocab, redact_tree, vocab_sha256
-from train import checkpoint, comm, faults, objectives
-from train.config import RunConfig, resolve_model_params
-from train.engine import build_engine, forward_view
-from train.export import write_export
-from train.preempt import EXIT_PREEMPTED, SignalWatch
-from train.tracking import Tracker, keep_mlflow_out, plot_loss
+from scpretrain.data_loader import MixedLoader, StreamingLoader, model_inputs
+from scpretrain.scmodels.build import build_model, default_preprocessing, export_module, hparams_of
+from scpretrain.sharding.manifest import read_manifest, read_vocab, redact_tree, vocab_sha256
+from scpretrain.train import checkpoint, comm, faults, objectives
+from scpretrain.train.config import RunConfig, resolve_model_params
+from scpretrain.train.engine import build_engine, forward_view
+from scpretrain.train.export import write_export
+from scpretrain.train.preempt import EXIT_PREEMPTED, SignalWatch
+from scpretrain.train.tracking import Tracker, keep_mlflow_out, plot_loss
 
 
 def build_distributed() -> tuple[int, int, torch.device]:
@@ -73,7 +73,7 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     kind = objectives.resolve_kind(cfg.model.family, cfg.objective.kind)
     emb = None
     if cfg.model.gene_embedding:
-        from train.gene_embedding import gene_embedding_for
+        from scpretrain.train.gene_embedding import gene_embedding_for
 
         emb = gene_embedding_for(cfg.model, params, vocab if vocab is not None else cfg.data.corpus, cfg.seed,
                                  verbose=int(os.environ.get("RANK", "0")) == 0)
@@ -84,7 +84,7 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     if cfg.model.checkpoint_layers:
         model.checkpoint_layers = True
     if kind in objectives.CONTRASTIVE:
-        from scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
+        from scpretrain.scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
 
         o = cfg.objective
         model = ContrastiveMAE(model, ContrastiveConfig(method=kind, proj_hidden=o.proj_hidden, proj_dim=o.proj_dim,

@@ -22,7 +22,7 @@ from _harness import Meter, run, versions
 
 def _with_mp_context(ctx: str) -> None:
     """Make the loader's DataLoader start its workers with ``ctx`` (an experiment; the loader forks)."""
-    from data_loader import stream
+    from scpretrain.data_loader import stream
 
     plain = stream.DataLoader
 
@@ -35,7 +35,7 @@ def _with_mp_context(ctx: str) -> None:
 
 
 def main(spec: dict) -> None:
-    from data_loader import StreamingLoader
+    from scpretrain.data_loader import StreamingLoader
 
     if spec.get("mp_context"):
         _with_mp_context(spec["mp_context"])

@@ -20,12 +20,12 @@ from typing import Iterator
 
 import h5py
 
-from sharding.errors import InputError
-from sharding.sources.base import Block, Source
-from sharding.sources.soma import CensusOptions
-from sharding.synthetic import PREFIX as SYNTHETIC_PREFIX
-from sharding.synthetic import SyntheticAtlas, SyntheticParams
-from sharding.vocab import SourceGenes, Vocab
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources.base import Block, Source
+from scpretrain.sharding.sources.soma import CensusOptions
+from scpretrain.sharding.synthetic import PREFIX as SYNTHETIC_PREFIX
+from scpretrain.sharding.synthetic import SyntheticAtlas, SyntheticParams
+from scpretrain.sharding.vocab import SourceGenes, Vocab
 
 __all__ = ["Block", "CensusOptions", "Source", "open_sources"]
 
@@ -76,13 +76,13 @@ def _open(spec: str, *, matrix: str | None, vocab: Vocab | None, census: CensusO
         yield SyntheticSource(spec, vocab)
         return
     if spec.startswith(SOMA_PREFIX):
-        from sharding.sources.soma import open_soma_source
+        from scpretrain.sharding.sources.soma import open_soma_source
 
         yield open_soma_source(spec, SOMA_PREFIX)
         return
     for prefix in CENSUS_PREFIXES:
         if spec.startswith(prefix):
-            from sharding.sources.soma import open_census_source
+            from scpretrain.sharding.sources.soma import open_census_source
 
             yield open_census_source(spec, prefix, census)
             return
@@ -91,8 +91,8 @@ def _open(spec: str, *, matrix: str | None, vocab: Vocab | None, census: CensusO
 
 
 def _open_path(path: Path, matrix: str | None) -> Source:
-    from sharding.sources.h5ad import H5adSource
-    from sharding.sources.tenx import TenxH5Source, TenxMtxSource, find_mtx
+    from scpretrain.sharding.sources.h5ad import H5adSource
+    from scpretrain.sharding.sources.tenx import TenxH5Source, TenxMtxSource, find_mtx
 
     if path.name in ("matrix.mtx", "matrix.mtx.gz"):
         path = path.parent

@@ -10,8 +10,8 @@ from typing import Any, Iterator
 import pandas as pd
 import scipy.sparse as sp
 
-from sharding import manifest as mf
-from sharding.vocab import ID_COLUMNS, SYMBOL_COLUMNS, SourceGenes
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding.vocab import ID_COLUMNS, SYMBOL_COLUMNS, SourceGenes
 
 
 @dataclass

@@ -16,9 +16,9 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from sharding.errors import InputError
-from sharding.sources.base import Block, Source, source_genes
-from sharding.validate import ValueFaults
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources.base import Block, Source, source_genes
+from scpretrain.sharding.validate import ValueFaults
 
 _SAMPLE_ROWS = 2000  # rows inspected when auto-detecting which matrix holds counts
 _MAX_CSC_NNZ = 50_000_000  # a CSC matrix is converted in memory only up to this size

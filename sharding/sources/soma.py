@@ -20,9 +20,9 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from sharding.errors import InputError
-from sharding.sources.base import Block, Source, first_line, source_genes
-from sharding.vocab import ID_COLUMNS
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources.base import Block, Source, first_line, source_genes
+from scpretrain.sharding.vocab import ID_COLUMNS
 
 MEASUREMENT = "RNA"
 LAYER = "raw"

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sharding.errors import InputError
-from sharding.sources.base import Block, Source, first_line
-from sharding.vocab import SourceGenes
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources.base import Block, Source, first_line
+from scpretrain.sharding.vocab import SourceGenes
 
 MAX_UNSORTED_NNZ = 50_000_000  # a matrix.mtx not grouped by barcode is read whole only up to this size
 MTX_CHUNK = 2_000_000  # entries parsed at a time

@@ -34,7 +34,7 @@ def test_dry_run_prints_plan_and_command(small_corpus):
 def test_dry_run_deepspeed_launcher_and_bad_key():
     p = run_cli(["-m", "launch", "--config", "configs/pretrain/demo_mae.yaml", "--launcher", "deepspeed",
                  "--hostfile", "launch/hostfile.example", "--nproc-per-node", "8", "--dry-run"])
-    assert "deepspeed --num_gpus=8 --hostfile=launch/hostfile.example --module train pretrain" in p.stdout
+    assert "deepspeed --num_gpus=8 --hostfile=launch/hostfile.example --module scpretrain.train pretrain" in p.stdout
     bad = run_cli(["-m", "launch", "--config", "configs/pretrain/demo_mae.yaml", "optim.lrate=1", "--dry-run"], check=False)
     assert bad.returncode == 2 and "optim.lrate: unknown key" in bad.stderr
 

@@ -38,7 +38,7 @@ def kang(tmp_path_factory):
 
 
 def test_real_cells_build_stream_pretrain_embed_annotate(kang, tmp_path):
-    from data_loader import StreamingLoader
+    from scpretrain.data_loader import StreamingLoader
 
     corpus = tmp_path / "corpus"
     run_cli(["-m", "sharding", "build", "--source", str(kang["dense"]), "--keep-obs", "seurat_annotations,stim",
@@ -96,12 +96,12 @@ def test_legacy_categorical_obs_of_the_real_file_are_read_as_labels(kang, tmp_pa
 def test_vocabulary_mismatch_names_the_coverage(kang, tmp_path):
     import torch
 
-    import scmodels
-    from scmodels.build import default_preprocessing
-    from train.export import export_model
+    from scpretrain import scmodels
+    from scpretrain.scmodels.build import default_preprocessing
+    from scpretrain.train.export import export_model
 
     # the demo export's vocabulary: Zheng68K's 765 genes padded with synthetic ones to 2,000
-    from launch.demo import demo_vocab, pbmc_counts_h5ad
+    from scpretrain.launch.demo import demo_vocab, pbmc_counts_h5ad
 
     pbmc = tmp_path / "pbmc.h5ad"
     pbmc_counts_h5ad(pbmc)

@@ -23,7 +23,7 @@ STEPS = 30
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    from launch import local_slurm
+    from scpretrain.launch import local_slurm
 
     d = tmp_path_factory.mktemp("slurm")
     try:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from scmodels.atomic import replace_dir, temp_sibling, write_folder
+from scpretrain.scmodels.atomic import replace_dir, temp_sibling, write_folder
 
 
 def _dead_pid() -> int:

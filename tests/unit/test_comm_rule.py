@@ -7,7 +7,7 @@ import re
 import torch
 
 from tests.conftest import REPO
-from train import comm
+from scpretrain.train import comm
 
 COLLECTIVES = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce\w*|gather|scatter\w*|barrier)\(")
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from scmodels.build import build_model
-from train.config import ConfigError, load_config, resolve_model_params
-from train.engine import deepspeed_config
+from scpretrain.scmodels.build import build_model
+from scpretrain.train.config import ConfigError, load_config, resolve_model_params
+from scpretrain.train.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))

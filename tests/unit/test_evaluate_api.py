@@ -12,16 +12,16 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-import evaluate
-import scmodels
-from evaluate.align import align_to_vocab, strip_version
-from evaluate.annotate import UNASSIGNED, knn_proba
-from evaluate.errors import EvaluateError
-from evaluate.finetune import fit_head, stratified_split
-from evaluate.heads import Head
-from evaluate.metrics import classification_metrics
-from scmodels.build import default_preprocessing
-from train.export import export_model, write_export
+from scpretrain import evaluate
+from scpretrain import scmodels
+from scpretrain.evaluate.align import align_to_vocab, strip_version
+from scpretrain.evaluate.annotate import UNASSIGNED, knn_proba
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.finetune import fit_head, stratified_split
+from scpretrain.evaluate.heads import Head
+from scpretrain.evaluate.metrics import classification_metrics
+from scpretrain.scmodels.build import default_preprocessing
+from scpretrain.train.export import export_model, write_export
 
 N_GENES = 50
 VOCAB = [(f"ENSG{i:011d}", f"GENE{i}") for i in range(N_GENES)]

@@ -15,11 +15,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import scmodels
-from evaluate.__main__ import build_parser, main
-from scmodels.build import default_preprocessing
+from scpretrain import scmodels
+from scpretrain.evaluate.__main__ import build_parser, main
+from scpretrain.scmodels.build import default_preprocessing
 from tests.unit.test_evaluate_api import _one_thread  # noqa: F401  (autouse fixture)
-from train.export import export_model, write_export
+from scpretrain.train.export import export_model, write_export
 
 ROOT = Path(__file__).resolve().parents[2]
 N_GENES = 50
@@ -183,6 +183,8 @@ BOUNDARY_SCRIPT = textwrap.dedent("""
     class Block:
         def find_spec(self, name, path=None, target=None):
             top = name.partition(".")[0]
+            if top == "scpretrain" and name.count("."):
+                top = name.split(".")[1]  # scpretrain.train counts as train
             if top not in BLOCKED:
                 return None
             who = importer()
@@ -192,7 +194,7 @@ BOUNDARY_SCRIPT = textwrap.dedent("""
             raise ImportError(f"{name} is blocked (imported by {who})")
 
     sys.meta_path.insert(0, Block())
-    import evaluate
+    from scpretrain import evaluate
     models = {family: evaluate.load_export(sys.argv[1] + "/" + family) for family in ("mae", "performer")}
     # importing evaluate and loading exports touches neither anndata nor zarr at all
     assert not {"anndata", "zarr"} & {m.partition(".")[0] for m in sys.modules}, "anndata/zarr imported"
@@ -204,6 +206,7 @@ BOUNDARY_SCRIPT = textwrap.dedent("""
         assert adata.obsm["X_" + family].shape == (adata.n_obs, dim)
     evaluate.annotate(model, adata, anndata.read_h5ad(sys.argv[2]), "cell_type", verbose=False, max_epochs=3)
     loaded = sorted({m.partition(".")[0] for m in sys.modules} & {"deepspeed", "tiledbsoma", "train"})
+    loaded += sorted(m for m in sys.modules if m.startswith(("scpretrain.train", "scpretrain.sharding")))
     assert not loaded and not attempts, (loaded, attempts)
     print("boundary ok")
 """)

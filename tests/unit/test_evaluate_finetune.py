@@ -12,18 +12,18 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-import evaluate
-import scmodels
-from evaluate.align import align_to_vocab
-from evaluate.annotate import UNASSIGNED
-from evaluate.classifier import Classifier, trainable_names
-from evaluate.errors import EvaluateError
-from evaluate.finetune import fit_classifier
-from evaluate.heads import Head
-from scmodels.build import default_preprocessing
+from scpretrain import evaluate
+from scpretrain import scmodels
+from scpretrain.evaluate.align import align_to_vocab
+from scpretrain.evaluate.annotate import UNASSIGNED
+from scpretrain.evaluate.classifier import Classifier, trainable_names
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.finetune import fit_classifier
+from scpretrain.evaluate.heads import Head
+from scpretrain.scmodels.build import default_preprocessing
 from tests.unit.test_evaluate_api import _one_thread  # noqa: F401  (autouse fixture)
 from tests.unit.test_evaluate_api import N_GENES, TYPES, VOCAB, make_adata, write
-from train.export import export_model
+from scpretrain.train.export import export_model
 
 PERFORMER_HP = dict(n_genes=N_GENES, dim=16, depth=2, heads=2, dim_head=8, nb_features=8)
 MAE_HP = dict(n_genes=N_GENES, hidden=[16, 16], latent=8)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from evaluate.annotate import calibrate_threshold
-from scmodels.genes import normalize_gene_id
+from scpretrain.evaluate.annotate import calibrate_threshold
+from scpretrain.scmodels.genes import normalize_gene_id
 from tests.unit.test_evaluate_cli import _adata, cli, files  # noqa: F401, F811  (files: the module fixture)
 
 
@@ -26,8 +26,8 @@ from tests.unit.test_evaluate_cli import _adata, cli, files  # noqa: F401, F811 
     ("TP53", "TP53"),
 ])
 def test_one_gene_id_normalization_for_builder_and_evaluate(raw, normalized):
-    from evaluate.align import strip_version as evaluate_norm
-    from sharding.vocab import strip_version as sharding_norm
+    from scpretrain.evaluate.align import strip_version as evaluate_norm
+    from scpretrain.sharding.vocab import strip_version as sharding_norm
 
     assert normalize_gene_id(raw) == normalized
     assert sharding_norm is normalize_gene_id and evaluate_norm is normalize_gene_id

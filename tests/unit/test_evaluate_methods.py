@@ -14,16 +14,16 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-import evaluate
-from evaluate.align import align_to_vocab
-from evaluate.errors import EvaluateError
-from evaluate.finetune import fit_classifier, fit_head, stratified_split
-from evaluate.genept import GeneVectors, genept_annotate, genept_embed, genept_w
-from evaluate.langcell import (InfoNCE, LabelEmbeddingFile, LangCellHead, SentenceModel, fit_langcell,
+from scpretrain import evaluate
+from scpretrain.evaluate.align import align_to_vocab
+from scpretrain.evaluate.errors import EvaluateError
+from scpretrain.evaluate.finetune import fit_classifier, fit_head, stratified_split
+from scpretrain.evaluate.genept import GeneVectors, genept_annotate, genept_embed, genept_w
+from scpretrain.evaluate.langcell import (InfoNCE, LabelEmbeddingFile, LangCellHead, SentenceModel, fit_langcell,
                                langcell_annotate, text_encoder, zero_shot)
-from evaluate.longtail import LongTail, inflation_scales, make_criterion, mine_hard, probability_margin
-from evaluate.metrics import classification_metrics
-from evaluate.vectors import read_vectors, write_vectors
+from scpretrain.evaluate.longtail import LongTail, inflation_scales, make_criterion, mine_hard, probability_margin
+from scpretrain.evaluate.metrics import classification_metrics
+from scpretrain.evaluate.vectors import read_vectors, write_vectors
 from tests.unit.test_evaluate_api import _one_thread  # noqa: F401  (autouse fixture)
 from tests.unit.test_evaluate_api import TYPES, VOCAB, make_adata, make_model, write
 
@@ -143,7 +143,7 @@ def test_hard_mining_reweights_the_first_phase_mistakes():
 
 
 def test_longtail_options_through_finetune_save_and_cli_flags(exports, tmp_path):
-    from evaluate.__main__ import build_parser
+    from scpretrain.evaluate.__main__ import build_parser
 
     ref = make_adata(12, seed=1)
     clf = evaluate.finetune(exports / "performer", ref, "cell_type", head="mlp", mode="partial", max_epochs=2,
@@ -232,9 +232,9 @@ def test_genept_knn_annotates_marker_driven_types(tmp_path):
 def test_one_text_embedding_file_initializes_performer_gene_identity_and_drives_genept_w(tmp_path):
     """The GenePT path of train/gene_embedding.py (wider than the model: a learned projection) on a file
     written by evaluate.vectors; the export carries the text vectors, aligned by symbol, into evaluate."""
-    from evaluate.genept import export_gene_vectors
-    from train.config import load_config
-    from train.trainer import build_model_for
+    from scpretrain.evaluate.genept import export_gene_vectors
+    from scpretrain.train.config import load_config
+    from scpretrain.train.trainer import build_model_for
 
     rng = np.random.default_rng(0)
     table = rng.normal(size=(40, 24)).astype(np.float32)  # 40 of the 50 genes, width 24 > dim 16

@@ -12,8 +12,8 @@ import anndata
 import numpy as np
 import pytest
 
-from evaluate.__main__ import build_parser, main
-from evaluate.vectors import write_vectors
+from scpretrain.evaluate.__main__ import build_parser, main
+from scpretrain.evaluate.vectors import write_vectors
 from tests.unit.test_evaluate_api import _one_thread  # noqa: F401  (autouse fixture)
 from tests.unit.test_evaluate_api import TYPES, VOCAB, make_adata, make_model, write
 
@@ -91,9 +91,11 @@ def test_cli_langcell_zero_shot_with_a_label_file_then_a_saved_head(files, tmp_p
 
 BOUNDARY = textwrap.dedent("""
     import sys
-    import evaluate.__main__, evaluate.genept, evaluate.langcell, evaluate.longtail, evaluate.vectors
+    import scpretrain.evaluate.__main__, scpretrain.evaluate.genept, scpretrain.evaluate.langcell
+    import scpretrain.evaluate.longtail, scpretrain.evaluate.vectors
     bad = {m.partition(".")[0] for m in sys.modules} & {"deepspeed", "tiledbsoma", "zarr", "train",
                                                          "sentence_transformers"}
+    bad |= {m for m in sys.modules if m.startswith(("scpretrain.train", "scpretrain.sharding", "scpretrain.launch"))}
     assert not bad, bad
     print("boundary ok")
 """)

@@ -8,7 +8,7 @@ from tests.conftest import run_cli
 
 SCRIPT = """
 import json, sys
-from train.__main__ import main
+from scpretrain.train.__main__ import main
 rc = main(sys.argv[1:])
 print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules.items()) if v is not None} & {"mlflow", "tiledbsoma", "cellxgene_census"})), rc)
 """
@@ -16,7 +16,7 @@ print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules
 
 BUILD = """
 import json, sys
-from sharding.__main__ import main
+from scpretrain.sharding.__main__ import main
 rc = main(sys.argv[1:])
 print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules.items()) if v is not None} & {"mlflow", "tiledbsoma", "cellxgene_census"})), rc)
 """

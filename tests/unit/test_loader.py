@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import StreamingLoader, model_inputs
-from scmodels import PreprocessSpec
+from scpretrain.data_loader import StreamingLoader, model_inputs
+from scpretrain.scmodels import PreprocessSpec
 from tests.conftest import run_cli
 
 

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from data_loader import StreamingLoader
-from data_loader.zarr_chunks import ChunkedArray, MissingChunk
+from scpretrain.data_loader import StreamingLoader
+from scpretrain.data_loader.zarr_chunks import ChunkedArray, MissingChunk
 
 
 @pytest.fixture

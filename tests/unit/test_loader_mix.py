@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import MixedLoader
-from data_loader.mix import split_batch
+from scpretrain.data_loader import MixedLoader
+from scpretrain.data_loader.mix import split_batch
 from tests.conftest import run_cli
 
 

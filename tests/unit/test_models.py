@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from scmodels import PreprocessSpec, build_model, csr_to_dense, preprocess
-from scmodels.performer import MASK_TOKEN
-from train import objectives
-from train.config import load_config, resolve_model_params
+from scpretrain.scmodels import PreprocessSpec, build_model, csr_to_dense, preprocess
+from scpretrain.scmodels.performer import MASK_TOKEN
+from scpretrain.train import objectives
+from scpretrain.train.config import load_config, resolve_model_params
 
 TINY_P = dict(n_genes=40, dim=16, depth=1, heads=2, dim_head=8, nb_features=8, feature_redraw_interval=3)
 TINY_M = dict(n_genes=40, hidden=[32, 16], latent=8, dropout=0.0)
@@ -214,7 +214,7 @@ def test_redraws_use_linalg_qr_not_deprecated_torch_qr(monkeypatch):
 
 
 def test_favor_features_are_performer_pytorchs_formula_in_fp32():
-    from scmodels.performer import reference_softmax_kernel, softmax_kernel_fp32
+    from scpretrain.scmodels.performer import reference_softmax_kernel, softmax_kernel_fp32
 
     g = torch.Generator().manual_seed(0)
     data, proj = torch.randn(2, 3, 50, 16, generator=g), torch.randn(24, 16, generator=g)
@@ -232,7 +232,7 @@ def test_favor_features_are_performer_pytorchs_formula_in_fp32():
 
 
 def test_performer_layer_checkpointing_gives_the_same_loss_and_gradients():
-    from scmodels.build import build_model
+    from scpretrain.scmodels.build import build_model
 
     torch.manual_seed(0)
     m = build_model("performer", {"n_genes": 40, "dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "nb_features": 12,

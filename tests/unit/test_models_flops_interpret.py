@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from scmodels import PreprocessSpec, build_model, preprocess
-from train import flops
-from train.interpret import gene_attributions, top_genes_per_type
+from scpretrain.scmodels import PreprocessSpec, build_model, preprocess
+from scpretrain.train import flops
+from scpretrain.train.interpret import gene_attributions, top_genes_per_type
 
 TINY = {
     "mae": dict(n_genes=300, hidden=[64, 32], latent=16, dropout=0.0),
@@ -35,7 +35,7 @@ def test_analytic_flops_match_flop_counter(family):
 
 
 def test_base_presets_flops_scale():
-    from train.config import ModelConfig, resolve_model_params
+    from scpretrain.train.config import ModelConfig, resolve_model_params
 
     mae = flops.flops_per_cell("mae", {**resolve_model_params(ModelConfig("mae", "mae_base")), "n_genes": 19331})
     assert 0.9e8 < mae.train < 1.2e8  # the card: about 1e8 FLOPs forward+backward per cell
@@ -101,9 +101,9 @@ def test_performer_saliency_zero_for_unexpressed_and_mode_restored():
 
 @pytest.mark.parametrize("kind", ["byol", "barlow"])
 def test_contrastive_flops_match_flop_counter(kind):
-    from train import objectives
-    from train.config import load_config
-    from train.trainer import build_model_for
+    from scpretrain.train import objectives
+    from scpretrain.train.config import load_config
+    from scpretrain.train.trainer import build_model_for
 
     cfg = load_config(None, ["model.family=mae", f"objective.kind={kind}", "objective.proj_hidden=32",
                              "objective.proj_dim=16", *[f"model.params.{k}={v}" for k, v in TINY["mae"].items()

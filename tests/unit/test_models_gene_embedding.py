@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from scmodels import build_model
-from scmodels.performer import PerformerEncoder
-from train import objectives
-from train.config import load_config
-from train.gene_embedding import align_names, fit_width, load_gene_embedding, read_embedding_file
-from train.trainer import build_model_for
+from scpretrain.scmodels import build_model
+from scpretrain.scmodels.performer import PerformerEncoder
+from scpretrain.train import objectives
+from scpretrain.train.config import load_config
+from scpretrain.train.gene_embedding import align_names, fit_width, load_gene_embedding, read_embedding_file
+from scpretrain.train.trainer import build_model_for
 
 VOCAB = [("ENSG00000000001.3", "TP53"), ("ENSG00000000002", "CD3E"), ("ENSG00000000003", "MS4A1"),
          ("ENSG00000000004", "NEW1"), ("ENSG00000000005", "NEW2")]

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from scmodels import build_model
-from scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
-from train import objectives
-from train.config import load_config
-from train.trainer import build_model_for, train_step
+from scpretrain.scmodels import build_model
+from scpretrain.scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
+from scpretrain.train import objectives
+from scpretrain.train.config import load_config
+from scpretrain.train.trainer import build_model_for, train_step
 
 G = 40
 TINY_M = dict(n_genes=G, hidden=[32, 16], latent=8, dropout=0.0)
@@ -195,7 +195,7 @@ def test_each_objective_overfits_one_batch(kind):
                 m.p = 0.0
     d = log1p_inputs(32)
     if kind == "masked_bins":
-        from scmodels import PreprocessSpec, preprocess
+        from scpretrain.scmodels import PreprocessSpec, preprocess
 
         c = counts(32)
         d = {"x": preprocess(c, PreprocessSpec(kind="bins", append_pad=True)), "expressed": c > 0}
@@ -275,7 +275,7 @@ def test_determinism_under_fixed_seed(kind):
         model = build_model_for(cfg, G) if family == "mae" else (torch.manual_seed(0), build_model("performer", TINY_P))[1]
         d = log1p_inputs(8)
         if family == "performer":
-            from scmodels import PreprocessSpec, preprocess
+            from scpretrain.scmodels import PreprocessSpec, preprocess
 
             c = counts(8)
             d = {"x": preprocess(c, PreprocessSpec(kind="bins", append_pad=True)), "expressed": c > 0}
@@ -300,7 +300,7 @@ def test_evaluate_batch_metrics(kind, keys):
     model = build_model_for(cfg, G) if family == "mae" else build_model("performer", TINY_P)
     d = log1p_inputs(32)
     if family == "performer":
-        from scmodels import PreprocessSpec, preprocess
+        from scpretrain.scmodels import PreprocessSpec, preprocess
 
         c = counts(32)
         d = {"x": preprocess(c, PreprocessSpec(kind="bins", append_pad=True)), "expressed": c > 0}
@@ -345,7 +345,7 @@ def test_after_step_under_deepspeed_moves_target_only_on_applied_steps(monkeypat
 
 
 def _ema_under_engine(deepspeed, zero_stage):
-    from train.engine import build_engine
+    from scpretrain.train.engine import build_engine
 
     cfg = cfg_for("byol", extra=["objective.proj_hidden=16", "objective.proj_dim=8", "engine.grad_accum=2",
                                  f"engine.zero_stage={zero_stage}", "data.batch_size=8", "objective.ema_decay=0.5"])

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
+from scpretrain.sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
                            consumed_per_stream, resume_state, stream_batches, stream_windows)
 
 SIZES = [1000, 737, 5, 2048]

@@ -12,11 +12,11 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
 
-from sharding import build as build_mod
-from sharding import manifest as mf
-from sharding.build import BuildConfig, build
-from sharding.check import summarize, verify
-from sharding.errors import InputError
+from scpretrain.sharding import build as build_mod
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding.build import BuildConfig, build
+from scpretrain.sharding.check import summarize, verify
+from scpretrain.sharding.errors import InputError
 
 
 def _counts(rng: np.random.Generator, n: int, g: int, zero_rows: tuple[int, ...] = ()) -> sp.csr_matrix:
@@ -234,7 +234,7 @@ def test_soma_only_with_holdout_on_a_source_column(tmp_path: Path) -> None:
 def test_hand_written_chunks_are_the_bytes_zarr_writes(tmp_path: Path, codec: str) -> None:
     import zarr
 
-    from sharding import zarr_store
+    from scpretrain.sharding import zarr_store
 
     rng = np.random.default_rng(0)
     csr = sp.random(300, 500, density=0.3, format="csr", random_state=1, dtype=np.float32)
@@ -259,7 +259,7 @@ def test_hand_written_chunks_are_the_bytes_zarr_writes(tmp_path: Path, codec: st
 
 
 def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
-    from sharding.build import pass2_jobs
+    from scpretrain.sharding.build import pass2_jobs
 
     cfg = dict(sources=["synthetic://cells=1200,genes=60,density=0.3"], cells_per_shard=300, format="both",
                progress=False)
@@ -283,7 +283,7 @@ def test_soma_x_has_one_gene_tile_and_reads_back_the_csr(tmp_path: Path) -> None
 
     import tiledbsoma as soma
 
-    from sharding import soma_store
+    from scpretrain.sharding import soma_store
 
     x = sp.random(500, 450, density=0.05, format="csr", random_state=2, dtype=np.float32)
     x.data[:] = np.arange(1, x.nnz + 1)
@@ -304,7 +304,7 @@ def test_soma_x_has_one_gene_tile_and_reads_back_the_csr(tmp_path: Path) -> None
 
 
 def test_holdout_a_fraction_of_donors(tmp_path: Path) -> None:
-    from sharding.validate import parse_holdout
+    from scpretrain.sharding.validate import parse_holdout
 
     cfg = dict(sources=["synthetic://cells=3000,genes=40,datasets=6,density=0.3"], cells_per_shard=1000,
                holdout="donor_id:0.3", keep_obs=["donor_id"], progress=False)
@@ -328,7 +328,7 @@ def test_holdout_a_fraction_of_donors(tmp_path: Path) -> None:
 def test_read_ahead_keeps_order_passes_errors_and_stops() -> None:
     import threading
 
-    from sharding.readahead import read_ahead
+    from scpretrain.sharding.readahead import read_ahead
 
     assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
 

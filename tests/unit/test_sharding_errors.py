@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from sharding.build import BuildConfig, build
-from sharding.errors import InputError
+from scpretrain.sharding.build import BuildConfig, build
+from scpretrain.sharding.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sharding import manifest as mf
-from sharding.errors import InputError
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding.errors import InputError
 
 
 def _write(corpus: Path, **overrides) -> None:

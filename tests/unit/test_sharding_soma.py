@@ -15,12 +15,12 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 import tiledbsoma.io
 
-from sharding import manifest as mf
-from sharding.__main__ import main
-from sharding.build import BuildConfig, build
-from sharding.check import verify
-from sharding.errors import InputError
-from sharding.sources.soma import parse_spec
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding.__main__ import main
+from scpretrain.sharding.build import BuildConfig, build
+from scpretrain.sharding.check import verify
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources.soma import parse_spec
 
 BUILD_DATE = "2025-01-30"
 
@@ -290,7 +290,7 @@ def test_parse_spec() -> None:
 
 
 def test_credentials_in_uris_are_redacted_in_the_manifest() -> None:
-    from sharding.manifest import redact
+    from scpretrain.sharding.manifest import redact
 
     assert redact("soma://s3://me:secret@host/atlas?layer=raw") == "soma://s3://me:***@host/atlas?layer=raw"
     assert redact("census:homo_sapiens?uri=https://u:p@h/c") == "census:homo_sapiens?uri=https://u:***@h/c"
@@ -300,7 +300,7 @@ def test_credentials_in_uris_are_redacted_in_the_manifest() -> None:
 def test_loader_streams_a_census_store_with_a_filter_exactly_once(census_store) -> None:
     """The loader's SOMA reader on a Census-layout store through the real client: the filtered cells,
     each once across 2 ranks, counts as stored, obs columns beside them, soma_joinid as the cell id."""
-    from data_loader import StreamingLoader
+    from scpretrain.data_loader import StreamingLoader
 
     root, truth = census_store
     flt = "tissue_general == 'lung' and is_primary_data == True"
@@ -333,7 +333,7 @@ def test_loader_streams_a_census_store_with_a_filter_exactly_once(census_store) 
 
 
 def test_redaction_covers_slashes_tokens_and_query_strings() -> None:
-    from sharding.manifest import redact, redact_tree
+    from scpretrain.sharding.manifest import redact, redact_tree
 
     assert redact("postgresql://mlflow:pa/ss@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
     assert redact("https://ghp_abcdef@host/repo") == "https://***@host/repo"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sharding.errors import InputError
-from sharding.synthetic import SyntheticAtlas, SyntheticParams
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.synthetic import SyntheticAtlas, SyntheticParams
 
 SPEC = "synthetic://cells=2500,genes=300,types=5,datasets=3,seed=7"
 

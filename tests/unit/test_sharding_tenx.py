@@ -14,11 +14,11 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from sharding import manifest as mf
-from sharding.build import BuildConfig, build
-from sharding.check import verify
-from sharding.errors import InputError
-from sharding.sources import tenx
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding.build import BuildConfig, build
+from scpretrain.sharding.check import verify
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.sources import tenx
 
 N_CELLS, N_GENES, N_ADT = 90, 30, 3
 EMPTY_CELLS = (0, 41, 42, 89)  # one at each end and two inside a block

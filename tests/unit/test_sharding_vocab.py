@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sharding import manifest as mf
-from sharding.errors import InputError
-from sharding.vocab import SourceGenes, Vocab, align, check_coverage, derive_vocab, strip_version
+from scpretrain.sharding import manifest as mf
+from scpretrain.sharding.errors import InputError
+from scpretrain.sharding.vocab import SourceGenes, Vocab, align, check_coverage, derive_vocab, strip_version
 
 VOCAB = Vocab.from_pairs([("ENSG00000000003", "TSPAN6"), ("ENSG00000000005", "TNMD"),
                           ("ENSG00000000419", "DPM1"), ("ENSG00000182378_PAR_Y", "PLCXD1")])
