@@ -1,4 +1,4 @@
-"""Command line: python -m evaluate {embed, finetune, annotate, knn, report} --help
+"""Command line: python -m evaluate {embed, finetune, annotate, knn, report, genept, langcell} --help
 
 Bad input ends with one line ``error: ...`` naming the file, the field and the fix, and exit status 2.
 """

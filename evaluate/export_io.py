@@ -17,9 +17,10 @@ from torch import nn
 
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.scmodels import FAMILIES, PreprocessSpec, build_model, embedding_key, preprocess
+from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, vocab_sha256
 
-# Newest export layout this reader understands; train/export.py writes the same number.
-SUPPORTED_FORMAT_VERSION = 1
+# Newest export layout this reader understands: the one train/export.py writes.
+SUPPORTED_FORMAT_VERSION = EXPORT_FORMAT_VERSION
 REQUIRED_FILES = ("config.json", "model.safetensors", "vocab.tsv")
 REQUIRED_FIELDS = {
     "format_version": int, "model_family": str, "model": dict, "preprocessing": dict,
@@ -29,10 +30,6 @@ REQUIRED_FIELDS = {
 # shape or dtype error deep inside the first forward pass.
 _FAMILY_INPUT = {"mae": ("log1p", False), "performer": ("bins", True)}
 
-
-def vocab_sha256(gene_ids: list[str]) -> str:
-    """sha256 of the newline-joined ordered gene ids (the Export contract's vocabulary hash)."""
-    return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
 
 
 @dataclass

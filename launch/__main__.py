@@ -2,7 +2,7 @@
 launcher with a hostfile, or SLURM. ``--dry-run`` prints the resolved plan and the command.
 
     python -m launch --config configs/pretrain/demo_mae.yaml --nproc-per-node 2
-    python -m launch --config configs/pretrain/mae_base.yaml corpus=corpora/lung \\
+    python -m launch --config configs/pretrain/demo_mae.yaml model.preset=mae_base corpus=corpora/lung \\
         --nnodes 4 --nproc-per-node 8 --rdzv-endpoint head:29400 --dry-run
 """
 from __future__ import annotations

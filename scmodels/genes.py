@@ -4,7 +4,13 @@ Pure Python (importing it through the package loads torch, which every stage has
 """
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
+
+# The export layout (config.json + model.safetensors + vocab.tsv) written by train/export.py and read by
+# evaluate/export_io.py: one number for both sides.
+EXPORT_FORMAT_VERSION = 1
 
 # An Ensembl stable id of any feature type and species (ENSG, ENST, ENSP, ENSMUSG, ...), an optional
 # ".<version>", and an optional suffix such as "_PAR_Y" (a distinct gene on the Y pseudo-autosomal region).
@@ -24,6 +30,12 @@ def normalize_gene_id(gene_id: str) -> str:
     text = str(gene_id).strip()
     m = ENSEMBL_ID.match(text)
     return m.group(1) + (m.group(3) or "") if m else text
+
+
+def vocab_sha256(gene_ids: Iterable[str]) -> str:
+    """The vocabulary hash a model, an export and a corpus must agree on: sha256 of the ordered ids joined
+    by newlines (corpus manifests, checkpoints and exports all carry it)."""
+    return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
 
 
 # the name both callers used before

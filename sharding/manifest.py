@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from scpretrain.scmodels.atomic import write_atomic  # noqa: F401 - the corpus's files are written with it
+from scpretrain.scmodels.genes import vocab_sha256  # noqa: F401 - the one vocabulary hash
 from scpretrain.sharding.errors import InputError
 
 FORMAT_VERSION = 1
@@ -27,10 +28,6 @@ VOCAB = "vocab.tsv"
 VOCAB_HEADER = "gene_id\tsymbol"
 _HASH_BLOCK = 1 << 20
 
-
-def vocab_sha256(gene_ids: Iterable[str]) -> str:
-    """The vocabulary hash a model and a corpus must agree on: sha256 of the ids joined by newlines."""
-    return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
 
 
 def write_vocab(path: str | Path, genes: Iterable[tuple[str, str]]) -> None:

@@ -1,7 +1,7 @@
 """Checkpoints that survive failures.
 
 DeepSpeed's own saves are not atomic and its ``latest`` file is written by rank 0 without
-waiting for the others (RELIABILITY.md). So: every rank saves under a tag, the ranks agree on
+waiting for the others (the design notes' RELIABILITY.md, outside this repository). So: every rank saves under a tag, the ranks agree on
 success (all-reduce of an ok flag), and only then rank 0 writes our commit marker ``COMMITTED``
 (temp file + fsync + rename). Only committed tags are ever loaded; a tag that fails to load on
 any rank is skipped for the previous one; existing checkpoints are never silently ignored.

@@ -13,7 +13,6 @@ never leaves a moment without one.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,14 +22,9 @@ from safetensors.torch import save_file
 
 from scpretrain.scmodels.atomic import check_replaceable, replace_dir, temp_sibling
 from scpretrain.scmodels.build import embedding_key, hparams_of
+from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, vocab_sha256
 from scpretrain.scmodels.preprocess import PreprocessSpec
 
-EXPORT_FORMAT_VERSION = 1
-
-
-def vocab_sha256(gene_ids: list[str]) -> str:
-    """Hash of the ordered gene ids: equal hashes mean identical model input columns."""
-    return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
 
 
 def _alias(key: str) -> bool:

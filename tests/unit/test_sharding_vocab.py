@@ -97,3 +97,14 @@ def test_apply_fast_paths_keep_rows_sorted() -> None:
     np.testing.assert_array_equal(z.toarray(), [[7, 0, 0, 5], [0, 0, 1, 0]])
     sorted_rows = subset.apply(sp.csr_matrix(np.array([[1, 2, 3, 4]], dtype=np.float32)))
     np.testing.assert_array_equal(sorted_rows.toarray(), [[1, 0, 3, 4]])
+
+
+def test_one_vocabulary_hash_and_one_export_format_version_on_every_side():
+    """The contract lives once in the core (scmodels.genes); corpus, export writer and export reader use it."""
+    from scpretrain.evaluate import export_io
+    from scpretrain.scmodels import genes
+    from scpretrain.train import export
+
+    assert mf.vocab_sha256 is genes.vocab_sha256 and export.vocab_sha256 is genes.vocab_sha256
+    assert export_io.vocab_sha256 is genes.vocab_sha256
+    assert export.EXPORT_FORMAT_VERSION == export_io.SUPPORTED_FORMAT_VERSION == genes.EXPORT_FORMAT_VERSION
