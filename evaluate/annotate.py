@@ -11,8 +11,8 @@ from scpretrain.evaluate.align import align_to_vocab
 from scpretrain.evaluate.embedding import as_export, embed_counts
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
+from scpretrain.evaluate.metrics import UNASSIGNED  # noqa: F401 - re-exported: annotate's public label
 
-UNASSIGNED = "Unassigned"
 KNN_RADIUS_QUANTILE = 0.99
 
 

@@ -6,6 +6,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+# the label annotate gives a cell no class is confident enough for (below its threshold)
+UNASSIGNED = "Unassigned"
+
 
 def classification_metrics(y_true: Any, y_pred: Any, labels: list[str] | None = None) -> dict[str, Any]:
     """Accuracy, macro F1 and per-class precision / recall / F1 / support.

@@ -13,9 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from scpretrain.evaluate.annotate import UNASSIGNED
 from scpretrain.evaluate.errors import EvaluateError
-from scpretrain.evaluate.metrics import confusion
+from scpretrain.evaluate.metrics import UNASSIGNED, confusion
 
 
 def plot_confusion(y_true: Any, y_pred: Any, path: str | Path, labels: list[str] | None = None,
