@@ -10,7 +10,7 @@ DIR (default /tmp/scpretrain-slurm); the daemons are started and stopped by thei
 partition ``cpu`` with every core of this machine; ``JobRequeue=1``; ``KillWait=60`` (the seconds
 between SIGTERM and SIGKILL when a job is cancelled, requeued or preempted: room for a checkpoint);
 ``AuthInfo=cred_expire=10`` (a requeued job may start again after 10 s instead of Slurm's default 120 s:
-one node, no slow prologs).
+one node, no slow prologs); the scheduler looks at pending jobs every 2 s (default 60 s / 30 s).
 munge uses the system key (``/etc/munge/munge.key``, made when missing) and socket.
 """
 from __future__ import annotations
@@ -89,6 +89,7 @@ KillWait=60
 MinJobAge=3600
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation={d / 'state'}
 SlurmdSpoolDir={d / 'spool'}
 SlurmctldPidFile={d / 'slurmctld.pid'}

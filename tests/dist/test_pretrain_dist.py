@@ -62,10 +62,11 @@ def test_two_rank_mae_zero2_zarr_logs_checkpoints_and_exports(tmp_path, small_co
     assert {"loss_curve.png", "config.yaml", "metrics.jsonl", "export"} <= arts
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_resume_in_fresh_processes_gives_identical_losses(tmp_path, small_corpus, stage):
     """Stop at step 3 (checkpointed), relaunch in fresh processes: the losses equal the
-    uninterrupted run's exactly, under ZeRO 1, 2 and 3."""
+    uninterrupted run's exactly, under ZeRO 2 and 3 (ZeRO 1 saves and loads through the same
+    DeepSpeed code as ZeRO 2, stage_1_and_2.py)."""
     cfg = "configs/pretrain/demo_mae.yaml"
     z = [f"engine.zero_stage={stage}"]
     torchrun(cfg, base(tmp_path, small_corpus, "whole", 6, z))

@@ -77,25 +77,31 @@ def test_sbatch_on_a_cpu_partition_finishes_and_exports(slurm, tmp_path, small_c
     assert json.loads((tmp_path / "export" / "config.json").read_text())["provenance"]["steps"] == 4
 
 
-@pytest.mark.parametrize("how", ["warning", "requeue"])
-def test_preempted_job_is_requeued_and_resumes_exactly(slurm, tmp_path, small_corpus, reference, how):
-    name = f"pre_{how}"
-    run = tmp_path / "runs" / name
-    jid = submit(slurm, tmp_path, base(tmp_path, small_corpus, name, STEPS, ["checkpoint.every_steps=1000"]),
+def test_preempted_job_is_requeued_and_resumes_exactly_twice(slurm, tmp_path, small_corpus, reference):
+    """One job, stopped twice: first by the time-limit warning (what --signal=B:USR1@180 sends), then by
+    `scontrol requeue` (what preemption does: SIGTERM to every process of the job, requeue by Slurm)."""
+    run = tmp_path / "runs" / "pre"
+    jid = submit(slurm, tmp_path, base(tmp_path, small_corpus, "pre", STEPS, ["checkpoint.every_steps=1000"]),
                  {"SCPRETRAIN_FAULT": "slow:ms=300"})
-    wait_for(lambda: logged_step(run) >= 3, 300, "step 3 of the first run")
-    if how == "warning":  # what --signal=B:USR1@180 does before the time limit
-        subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
-    else:  # what preemption does: SIGTERM to every process of the job, requeue by Slurm
-        subprocess.run(["scontrol", "requeue", jid], env=slurm, check=True)
-    wait_for(lambda: (run / "preempted.json").exists(), 120, "the preemption checkpoint")
-    saved = json.loads((run / "preempted.json").read_text())
-    ck = run / "checkpoints" / f"step-{saved['step']:08d}"
-    wait_for(lambda: (ck / "COMMITTED").exists(), 60, "the commit marker")
-    assert 3 <= saved["step"] < STEPS
+    stops = []
+    for restart, how in enumerate(("warning", "requeue")):
+        after = stops[-1] + 3 if stops else 3
+        wait_for(lambda: logged_step(run) >= after and job(slurm, jid).get("Restarts") == str(restart), 300,
+                 f"step {after} of run {restart + 1}")
+        if how == "warning":
+            subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True)
+        else:
+            subprocess.run(["scontrol", "requeue", jid], env=slurm, check=True)
+        wait_for(lambda: (run / "preempted.json").exists()
+                 and json.loads((run / "preempted.json").read_text())["step"] >= after, 120,
+                 f"the checkpoint of the {how} stop")
+        step = json.loads((run / "preempted.json").read_text())["step"]
+        wait_for(lambda: (run / "checkpoints" / f"step-{step:08d}" / "COMMITTED").exists(), 60, "the commit marker")
+        assert after <= step < STEPS
+        stops.append(step)
     wait_for(lambda: job(slurm, jid).get("JobState") == "COMPLETED", 420, "the requeued job to finish")
     info, log = job(slurm, jid), (tmp_path / f"slurm-{jid}.out").read_text()
-    assert int(info["Restarts"]) == 1, log[-3000:]
-    assert f"resumed at step {saved['step']}" in log and "(restart 1)" in log
+    assert int(info["Restarts"]) == 2, log[-3000:]
+    assert all(f"resumed at step {s}" in log for s in stops) and "(restart 2)" in log
     losses = [r["loss"] for r in metrics(run) if "loss" in r]
     assert losses == reference  # every step once, the same cells as an uninterrupted run
