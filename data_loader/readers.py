@@ -14,6 +14,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -48,6 +49,26 @@ def concat_blocks(blocks: list[Block]) -> Block:
         np.concatenate([b.cell_id for b in blocks]),
         {k: np.concatenate([b.obs[k] for b in blocks]) for k in blocks[0].obs},
     )
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """What the stream asks of a backend (``ZarrReader``, ``SomaReader``). A reader is pickled into
+    DataLoader workers, so it opens its files lazily, per process."""
+
+    sizes: list[int]  # rows per shard, in corpus order (the epoch plan's unit)
+
+    def read(self, shard: int, start: int, stop: int) -> "Block":
+        """Rows ``start:stop`` of ``shard`` in store order."""
+        ...
+
+    def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> "Block":
+        """The rows ``(shard[i], row[i])`` of a mixing window, returned in the order ``order``."""
+        ...
+
+    def set_workers(self, k: int) -> None:
+        """This process is one of ``k`` DataLoader workers: take its share of decode threads."""
+        ...
 
 
 class BufferPool:

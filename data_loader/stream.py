@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from scpretrain.data_loader.readers import Block, ZarrReader, slice_rows
+from scpretrain.data_loader.readers import Block, Reader, ZarrReader, slice_rows
 from scpretrain.data_loader.soma_reader import SomaReader
 from scpretrain.sharding.manifest import read_manifest
 from scpretrain.sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
@@ -185,7 +185,21 @@ class StreamingLoader:
         self._state = StreamState(seed=seed)
         self._loader: DataLoader | None = None
 
-    def _build_reader(self, backend, obs_columns, soma_uri, soma_filter, organism):
+    @classmethod
+    def from_corpus(cls, corpus: str | Path, backend: str = "zarr", **options) -> "StreamingLoader":
+        """A corpus built by ``python -m sharding build``: its Zarr shards or (``backend="soma"``) its
+        TileDB-SOMA experiment. ``options`` are the constructor's (batch_size, seed, rank, ...)."""
+        return cls(corpus, backend=backend, **options)
+
+    @classmethod
+    def from_soma(cls, uri: str, *, value_filter: str | None = None, census_organism: str | None = None,
+                  **options) -> "StreamingLoader":
+        """An existing SOMA experiment streamed as it is (no corpus); with ``census_organism`` a store with
+        the Census layout, opened through ``cellxgene_census.open_soma(uri=...)``."""
+        return cls(None, backend="soma", soma_uri=uri, soma_filter=value_filter, census_organism=census_organism,
+                   **options)
+
+    def _build_reader(self, backend, obs_columns, soma_uri, soma_filter, organism) -> Reader:
         if backend == "zarr":
             if not self.manifest.get("zarr"):
                 raise ValueError(f"{self.corpus}/manifest.json: corpus has no Zarr shards; build with --format zarr|both or use backend='soma'")

@@ -33,12 +33,6 @@ def hparams_of(model: nn.Module) -> dict:
     return asdict(model.cfg)
 
 
-def export_module(model: nn.Module) -> nn.Module:
-    """The part of a training module an export holds: the MAE inside a contrastive wrapper
-    (its projector, predictor and EMA target are training-only), else the module itself."""
-    return getattr(model, "backbone", model)
-
-
 def default_preprocessing(family: str) -> PreprocessSpec:
     return PreprocessSpec(kind="bins", append_pad=True) if family == "performer" else PreprocessSpec(kind="log1p")
 

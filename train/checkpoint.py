@@ -31,6 +31,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,6 +40,8 @@ from scpretrain.train import comm, faults
 
 MARKER = "COMMITTED"
 TRAINER_STATE = "trainer_state.json"
+# a deepspeed.DeepSpeedEngine (not imported here: this module's helpers also serve `train export`)
+Engine = Any
 
 
 class CheckpointError(RuntimeError):
@@ -178,7 +181,7 @@ def _abandon(rank: int, tag: str, e: BaseException) -> None:
     os._exit(1)
 
 
-def save(engine, root: Path, step: int, trainer_state: dict, extra_files: dict[str, str], keep: int) -> bool:
+def save(engine: Engine, root: Path, step: int, trainer_state: dict, extra_files: dict[str, str], keep: int) -> bool:
     """Save on every rank; commit only if all ranks succeeded. Returns whether it committed.
 
     A failed write on any rank (disk full, permissions, I/O error) is agreed on by all ranks: nothing
@@ -235,7 +238,7 @@ def _universal_load(engine, on: bool):
         cfg.load_universal_checkpoint = before
 
 
-def load_latest(engine, root: Path, resume: str, allow_fresh_start: bool) -> dict | None:
+def load_latest(engine: Engine, root: Path, resume: str, allow_fresh_start: bool) -> dict | None:
     """Load the newest committed checkpoint that every rank can load; returns its trainer state.
 
     Which checkpoints exist is read on rank 0 and broadcast: every rank tries the same tags in

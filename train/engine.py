@@ -1,6 +1,8 @@
 """The one place that builds the DeepSpeed config and the engine."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from scpretrain.train.config import RunConfig
@@ -41,7 +43,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, device_type: str) -> dict:
     }
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, device_type: str):
+def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, device_type: str) -> tuple[Any, dict]:
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, world_size, device_type)
@@ -80,6 +82,6 @@ def _to_fp32(out):
     return out
 
 
-def forward_view(engine, cfg: RunConfig, device_type: str):
+def forward_view(engine: Any, cfg: RunConfig, device_type: str) -> Any:
     """What the objectives call: the engine itself in fp32, ``CastInputs`` around it in bf16."""
     return CastInputs(engine, torch.bfloat16) if use_bf16(cfg, device_type) else engine

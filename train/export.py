@@ -27,6 +27,12 @@ from scpretrain.scmodels.preprocess import PreprocessSpec
 
 
 
+def export_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The part of a training module an export holds: the MAE inside a contrastive wrapper
+    (its projector, predictor and EMA target are training-only), else the module itself."""
+    return getattr(model, "backbone", model)
+
+
 def _alias(key: str) -> bool:
     """performer-pytorch registers every layer twice (``net`` and ``proj_updater.instance``);
     the export keeps one copy (safetensors refuses shared tensors, and it halves the file)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 from scpretrain.scmodels.build import model_config
 from scpretrain.scmodels.mae import MAEConfig
@@ -73,7 +74,7 @@ def performer_flops(cfg: PerformerConfig) -> Flops:
     return Flops(fwd, bwd)
 
 
-def flops_per_cell(family: str, hparams: dict, objective=None) -> Flops:
+def flops_per_cell(family: str, hparams: dict, objective: Any = None) -> Flops:
     """FLOPs per cell of ``family`` with ``hparams``; pass the run's ``ObjectiveConfig`` to count
     a contrastive objective's two views and heads instead of the masked reconstruction."""
     cfg = model_config(family, hparams)

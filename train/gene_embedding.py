@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ def fit_width(weights: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     return weights @ proj
 
 
-def gene_embedding_for(model_cfg, params: dict, vocab: "list[tuple[str, str]] | str | Path", seed: int,
+def gene_embedding_for(model_cfg: Any, params: dict, vocab: "list[tuple[str, str]] | str | Path", seed: int,
                        verbose: bool = True) -> torch.Tensor:
     """The [n_genes, width] matrix a Performer built from ``params`` should load (``ModelConfig``
     fields ``gene_embedding``, ``gene_embedding_genes``, ``gene_embedding_projection``).

@@ -34,7 +34,7 @@ def _type_directions(model, x: torch.Tensor, labels: torch.Tensor, batch_size: i
     return cent - cent.mean(0)
 
 
-def gene_attributions(model, x: torch.Tensor, labels: torch.Tensor | None = None, score: Score | None = None,
+def gene_attributions(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None = None, score: Score | None = None,
                       batch_size: int = 64) -> torch.Tensor:
     """Attribution [N, G] (float32) of each gene to each cell's score.
 

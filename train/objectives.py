@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ FAMILY_KINDS = {"mae": ("random_mask", "gene_programme", "isolated", "byol", "ba
 CONTRASTIVE = ("byol", "barlow")
 _DEFAULT_MASK_PROB = {"random_mask": 0.5, "masked_bins": 0.15, "byol": 0.2, "barlow": 0.2}
 
+
+# what the objectives call: a DeepSpeed engine, the bf16 view of one, or a plain module
+Model = Callable[..., Any]
 
 def resolve_kind(family: str, kind: str) -> str:
     """``auto`` -> the family's reference objective; a kind the family cannot train is an error."""
@@ -138,7 +142,7 @@ def masked_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     return sq.sum() / (mask.numel() if reference_divisor else mask.sum().clamp_min(1))
 
 
-def mae_random_mask(model, x: torch.Tensor, gen: torch.Generator, mask_prob: float,
+def mae_random_mask(model: Model, x: torch.Tensor, gen: torch.Generator, mask_prob: float,
                     reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
     """Random masking (p), kept inputs rescaled by 1/(1-p); MSE over masked entries.
 
@@ -150,7 +154,7 @@ def mae_random_mask(model, x: torch.Tensor, gen: torch.Generator, mask_prob: flo
     return loss, {"masked_frac": mask.float().mean().detach()}
 
 
-def mae_gene_mask(model, x: torch.Tensor, masked: torch.Tensor, rescale: bool,
+def mae_gene_mask(model: Model, x: torch.Tensor, masked: torch.Tensor, rescale: bool,
                   reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
     """Mask the genes where ``masked`` (bool [G]) in every cell and reconstruct them. ``rescale``
     multiplies kept inputs by 1/(1 - masked share), as random masking does."""
@@ -162,11 +166,13 @@ def mae_gene_mask(model, x: torch.Tensor, masked: torch.Tensor, rescale: bool,
     return loss, {"masked_frac": frac.detach()}
 
 
-def mae_gene_programme(model, x, gen, progs: Programmes, rate: float, reference_divisor: bool = False):
+def mae_gene_programme(model: Model, x: torch.Tensor, gen: torch.Generator, progs: Programmes, rate: float,
+                       reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
     return mae_gene_mask(model, x, programme_mask(progs, gen, rate), True, reference_divisor)
 
 
-def mae_isolated(model, x, gen, progs: Programmes, reference_divisor: bool = False):
+def mae_isolated(model: Model, x: torch.Tensor, gen: torch.Generator, progs: Programmes,
+                 reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
     """Keep one programme, reconstruct every other gene. No rescale: the input is one programme,
     not a thinned cell, and 1/(1 - masked share) would multiply it a hundredfold."""
     keep, _ = isolated_keep(progs, gen)
@@ -182,7 +188,7 @@ def _bins_mask(tokens, expressed, gen, mask_prob, keep_prob):
     return inp, chosen
 
 
-def performer_masked_bins(model, tokens: torch.Tensor, expressed: torch.Tensor, gen: torch.Generator,
+def performer_masked_bins(model: Model, tokens: torch.Tensor, expressed: torch.Tensor, gen: torch.Generator,
                           mask_prob: float, keep_prob: float) -> tuple[torch.Tensor, dict]:
     """Mask ``mask_prob`` of the expressed genes; of those, ``keep_prob`` stay unchanged and the
     rest become [MASK]. Cross-entropy over the masked positions only."""
@@ -250,7 +256,7 @@ def barlow_loss(z1: torch.Tensor, z2: torch.Tensor, lam: float, eps: float = 1e-
     return ((diag - 1) ** 2).sum() + lam * ((c**2).sum() - (diag**2).sum())
 
 
-def contrastive_step(model, kind: str, x: torch.Tensor, library_size: torch.Tensor | None,
+def contrastive_step(model: Model, kind: str, x: torch.Tensor, library_size: torch.Tensor | None,
                      gen: torch.Generator, mask_prob: float, theta: float, lam: float) -> tuple[torch.Tensor, dict]:
     """Two augmented views through a ``ContrastiveMAE`` (or the engine wrapping one)."""
     v1 = augment(x, library_size, gen, mask_prob, theta)
@@ -265,7 +271,7 @@ def contrastive_step(model, kind: str, x: torch.Tensor, library_size: torch.Tens
     return loss, {"view_cos": cos}
 
 
-def after_step(model) -> None:
+def after_step(model: Model) -> None:
     """Call after every ``engine.step()`` (every micro-batch; it checks the boundary itself).
 
     Moves the BYOL target toward the online network when the optimizer really stepped (DeepSpeed's
@@ -290,13 +296,13 @@ def after_step(model) -> None:
 
 # ---- dispatch ----------------------------------------------------------------------------------
 
-def programmes_for(cfg, device: torch.device | str) -> Programmes:
+def programmes_for(cfg: Any, device: torch.device | str) -> Programmes:
     if not cfg.objective.gmt:
         raise ValueError(f"objective.gmt: objective.kind={cfg.objective.kind!r} needs a GMT file of gene programmes")
     return _programmes_cached(str(cfg.objective.gmt), str(cfg.data.corpus), str(device))
 
 
-def objective_step(model, cfg, inputs: dict, gen: torch.Generator,
+def objective_step(model: Model, cfg: Any, inputs: dict, gen: torch.Generator,
                    programmes: Programmes | None = None) -> tuple[torch.Tensor, dict]:
     """The loss of ``cfg.objective.kind`` on one micro-batch, and scalar extras to log."""
     o, x = cfg.objective, inputs["x"]
@@ -343,7 +349,7 @@ def uniformity(f: torch.Tensor, t: float = 2.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_batch(model, cfg, inputs: dict, gen: torch.Generator,
+def evaluate_batch(model: Model, cfg: Any, inputs: dict, gen: torch.Generator,
                    programmes: Programmes | None = None) -> dict[str, float]:
     """Held-out metrics of the run's objective on one batch, in eval mode (dropout off; the
     Performer's redraw counter does not move), restoring the previous mode.

@@ -11,18 +11,20 @@ import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 
 from scpretrain.data_loader import MixedLoader, StreamingLoader, model_inputs
-from scpretrain.scmodels.build import build_model, default_preprocessing, export_module, hparams_of
+from scpretrain.scmodels.build import build_model, default_preprocessing, hparams_of
+from scpretrain.scmodels.preprocess import PreprocessSpec
 from scpretrain.sharding.manifest import read_manifest, read_vocab, redact_tree, vocab_sha256
 from scpretrain.train import checkpoint, comm, faults, objectives
 from scpretrain.train.config import RunConfig, resolve_model_params
 from scpretrain.train.engine import build_engine, forward_view
-from scpretrain.train.export import write_export
+from scpretrain.train.export import export_module, write_export
 from scpretrain.train.preempt import EXIT_PREEMPTED, SignalWatch
 from scpretrain.train.tracking import Tracker, keep_mlflow_out, plot_loss
 
@@ -84,7 +86,7 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     if cfg.model.checkpoint_layers:
         model.checkpoint_layers = True
     if kind in objectives.CONTRASTIVE:
-        from scpretrain.scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
+        from scpretrain.train.contrastive import ContrastiveConfig, ContrastiveMAE
 
         o = cfg.objective
         model = ContrastiveMAE(model, ContrastiveConfig(method=kind, proj_hidden=o.proj_hidden, proj_dim=o.proj_dim,
@@ -137,13 +139,13 @@ class Batches:
         return b
 
 
-def train_step(engine, cfg: RunConfig, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def train_step(engine: Any, cfg: RunConfig, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Loss of ``cfg.objective.kind`` on one micro-batch (see ``train.objectives``). After
     ``engine.step()`` call ``objectives.after_step(engine)`` (moves the BYOL target)."""
     return objectives.objective_step(engine, cfg, inputs, gen)
 
 
-def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of the exported module on every rank (ZeRO-3 parameters gathered).
 
     For contrastive objectives only the MAE backbone is exported (projector/predictor/target are
@@ -312,7 +314,7 @@ def pretrain(cfg: RunConfig) -> dict:
     return result
 
 
-def build_eval(cfg: RunConfig, corpus: Path, rank: int, world: int, manifest: dict):
+def build_eval(cfg: RunConfig, corpus: Path, rank: int, world: int, manifest: dict) -> StreamingLoader | None:
     """A loader over the corpus's held-out cells (None when the corpus has none)."""
     if not manifest.get("splits", {}).get("holdout"):
         return None
@@ -322,7 +324,8 @@ def build_eval(cfg: RunConfig, corpus: Path, rank: int, world: int, manifest: di
                            read_ahead=0, soma_filter=d.soma_filter, split="holdout")
 
 
-def evaluate_heldout(engine, cfg: RunConfig, loader: StreamingLoader, n_genes: int, spec, device) -> dict:
+def evaluate_heldout(engine: Any, cfg: RunConfig, loader: StreamingLoader, n_genes: int, spec: PreprocessSpec,
+                     device: torch.device) -> dict:
     """Mean held-out metrics over the first ``eval_batches`` batches of a fixed epoch (same cells
     every time, same count on every rank), averaged across ranks. Prefixed ``eval_``."""
     loader.set_epoch(0)

@@ -270,3 +270,16 @@ def test_obs_columns_as_categorical_codes_and_as_plain_strings(tmp_path):
     assert len(got) >= n - 1
     for cid, (bc, ct) in got.items():  # cell_id = position in the source
         assert bc == f"BC{cid:06d}" and ct == a.obs["cell_type"].iloc[cid]
+
+
+def test_named_constructors_and_both_readers_meet_the_reader_protocol(small_corpus):
+    from scpretrain.data_loader.readers import Reader
+
+    by_name = StreamingLoader.from_corpus(small_corpus, backend="soma", batch_size=64, seed=3, rank=0, world_size=1)
+    plain = StreamingLoader(small_corpus, backend="soma", batch_size=64, seed=3, rank=0, world_size=1)
+    store = StreamingLoader.from_soma(str(small_corpus / "soma"), batch_size=64, seed=3, rank=0, world_size=1)
+    assert isinstance(by_name.reader, Reader) and isinstance(store.reader, Reader)
+    assert isinstance(StreamingLoader.from_corpus(small_corpus, rank=0, world_size=1).reader, Reader)
+    a, b = next(iter(by_name)), next(iter(plain))
+    assert torch.equal(a["cell_id"], b["cell_id"]) and torch.equal(a["data"], b["data"])
+    assert store.n_cells == plain.n_cells

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scpretrain.scmodels import build_model
-from scpretrain.scmodels.contrastive import ContrastiveConfig, ContrastiveMAE
+from scpretrain.train.contrastive import ContrastiveConfig, ContrastiveMAE
 from scpretrain.train import objectives
 from scpretrain.train.config import load_config
 from scpretrain.train.trainer import build_model_for, train_step

@@ -5,7 +5,7 @@ predictor and an exponential-moving-average target (BYOL). The losses, the augme
 the call that moves the target live in ``train.objectives``.
 
 The wrapped MAE stays a complete MAE under ``backbone``: an export takes
-``export_module(model)`` (``scmodels.build``), so downstream code loads it like any MAE. Its
+``export_module(model)`` (``train.export``), so downstream code loads it like any MAE. Its
 decoder is frozen here (no contrastive loss reaches it) so that no optimizer holds weights
 that never receive a gradient.
 """
