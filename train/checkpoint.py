@@ -223,15 +223,18 @@ def save(engine: Engine, root: Path, step: int, trainer_state: dict, extra_files
 
 
 @contextlib.contextmanager
-def _universal_load(engine, on: bool):
+def _universal_load(engine: Engine, on: bool):
     """DeepSpeed reads ``checkpoint.load_universal`` from its config only inside ``load_checkpoint``
     (0.19.8): switch it on for one load of a converted checkpoint instead of building the engine twice."""
     cfg = engine._config
+    if not on:
+        yield
+        return
     if not hasattr(cfg, "load_universal_checkpoint"):
         raise CheckpointError("this DeepSpeed cannot load universal checkpoints; resume at the world size the "
                               "checkpoint was saved at")
     before = cfg.load_universal_checkpoint
-    cfg.load_universal_checkpoint = on or before
+    cfg.load_universal_checkpoint = True
     try:
         yield
     finally:
