@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def slurm(tmp_path_factory):
         env = local_slurm.start(d)
     except (local_slurm.SlurmUnavailable, OSError, subprocess.CalledProcessError) as e:
         pytest.skip(f"no local Slurm here: {e}")
-    yield {**os.environ, **env, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    # PYTHON: the job runs this interpreter (the suite may run from another venv than .venv)
+    yield {**os.environ, **env, "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore", "PYTHON": sys.executable}
     local_slurm.stop(d)
 
 
