@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 def test_gpu_check_cpu_dry_run_writes_every_stage(tmp_path):
     p = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=180)
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHON": sys.executable})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     read = lambda name: json.loads((tmp_path / name).read_text())  # noqa: E731
     assert read("stage0_env.json")["deepspeed"][0].isdigit()

@@ -58,7 +58,11 @@ def test_installed_beside_another_evaluate_the_command_embeds_and_annotates(whee
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     # this environment's packages, as --system-site-packages would give them; and someone else's `evaluate`
-    (site / "reuse.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # (its distutils shim too: on Python 3.12 performer-pytorch imports distutils, which setuptools provides;
+    # not its other .pth files: the editable install's finder would map scpretrain back to the checkout)
+    here = Path(sysconfig.get_paths()["purelib"])
+    shim = here / "distutils-precedence.pth"
+    (site / "reuse.pth").write_text(f"{here}\n" + (shim.read_text() if shim.is_file() else ""))
     (site / "evaluate.py").write_text("WHOSE = 'not scpretrain'\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
                     str(wheel)], check=True, capture_output=True, timeout=300)
