@@ -194,10 +194,8 @@ def stage4(out: Path, presets: list[tuple[str, Path, int]], steps: int, nproc: i
     import torch
 
     from scpretrain.sharding.manifest import read_vocab
-    from scpretrain.train.config import load_config
+    from scpretrain.train.config import load_config, resolve_model_params
     from scpretrain.train.flops import flops_per_cell
-    from scpretrain.scmodels.build import build_model
-    from scpretrain.train.config import resolve_model_params
 
     cuda = torch.cuda.is_available() and not dry
     rows = {}
@@ -226,7 +224,7 @@ def stage4(out: Path, presets: list[tuple[str, Path, int]], steps: int, nproc: i
         cps = (b["cells_seen"] - a["cells_seen"]) / (b["wall_s"] - a["wall_s"]) / nproc
         hp = {**resolve_model_params(load_config(None, [f"model.family={family}", f"model.preset={preset}"]).model),
               "n_genes": len(read_vocab(corpus_dir))}
-        fl = flops_per_cell(family, vars(build_model(family, hp).cfg))
+        fl = flops_per_cell(family, hp)  # the preset's hyperparameters; no model needs building
         rows[preset] = {"cells_per_s_per_gpu": cps, "mfu": cps * fl.train / peak if peak else None,
                         "data_stall": statistics.mean(r["data_stall_frac"] for r in rs[warm:]),
                         "epochs": sorted({r["epoch"] for r in rs}), "steps": len(rs), "wall_s": time.time() - t,
