@@ -85,6 +85,8 @@ class PerformerConfig:
     # Seed of the FAVOR+ redraws: every rank draws the same matrices (the reference
     # used each rank's own RNG, so ranks diverged after the first redraw).
     redraw_seed: int = 0
+    # Bias on the q/k/v projections: performer-pytorch's Performer default; scBERT's released weights have none.
+    qkv_bias: bool = True
 
 
 class PerformerEncoder(nn.Module):
@@ -106,6 +108,7 @@ class PerformerEncoder(nn.Module):
             nb_features=cfg.nb_features, feature_redraw_interval=cfg.feature_redraw_interval,
             ff_mult=cfg.ff_mult, ff_dropout=cfg.dropout, attn_dropout=cfg.dropout,
             auto_check_redraw=False,  # redraws are ours: seeded, identical on every rank
+            qkv_bias=cfg.qkv_bias,
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.to_out = nn.Linear(cfg.dim, cfg.n_tokens)

@@ -59,6 +59,10 @@ class ModelConfig:
     # Performer: recompute each layer's activations in the backward pass instead of keeping them
     # (scbert_base at 16,907 positions: a larger batch per GPU for ~1/3 more compute)
     checkpoint_layers: bool = False
+    # An export (ours, or published weights imported with `python -m train import-weights`) to start from: its
+    # architecture, every gene-independent tensor and the rows of the genes the corpus shares with it; the
+    # corpus's other genes start as they would without it. A resumed run loads its checkpoint instead.
+    init_from: str | None = None
 
 
 @dataclass
@@ -270,6 +274,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     checks.append((not cfg.model.checkpoint_layers or cfg.model.family == "performer",
                    "model.checkpoint_layers: only the performer family checkpoints its layers (the MAE's "
                    "activations are a few vectors per cell); remove it"))
+    checks.append((cfg.model.params.get("decoder", True) is not False,
+                   "model.params.decoder: false builds an encoder-only MAE, which cannot pretrain (nothing "
+                   "reconstructs); remove it"))
     out = cfg.export_path
     checks.append((out is None or not out.is_dir() or not any(out.iterdir()) or (out / "config.json").is_file(),
                    f"export_dir: {out} exists and is not an export (no config.json); the export replaces it as a "

@@ -14,7 +14,9 @@ never leaves a moment without one.
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,8 +64,11 @@ def write_export(
     preprocessing: PreprocessSpec,
     vocab: "list[tuple[str, str]]",
     provenance: dict | None = None,
+    notes: str = "",
+    also: "Callable[[Path], None] | None" = None,
 ) -> Path:
-    """Write an export atomically. ``vocab`` is [(gene_id, symbol), ...] in model column order."""
+    """Write an export atomically. ``vocab`` is [(gene_id, symbol), ...] in model column order; ``notes`` are
+    appended to README.md; ``also(folder)`` adds files (e.g. a head) before the folder is swapped in."""
     out = Path(out_dir)
     gene_ids = [g for g, _ in vocab]
     if hparams.get("n_genes") != len(gene_ids):
@@ -85,7 +90,13 @@ def write_export(
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_family": family})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     (tmp / "vocab.tsv").write_text("gene_id\tsymbol\n" + "".join(f"{g}\t{s}\n" for g, s in vocab))
-    (tmp / "README.md").write_text(_model_card(cfg))
+    (tmp / "README.md").write_text(_model_card(cfg) + (f"\n{notes}" if notes else ""))
+    if also is not None:
+        try:
+            also(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     replace_dir(tmp, out)  # fsyncs, then swaps in one step: never a moment without a complete export
     return out
 

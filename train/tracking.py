@@ -69,6 +69,14 @@ class Tracker:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def params(self, params: dict) -> None:
+        """Extra run parameters (MLflow); logged once, on a fresh run."""
+        if self.active and self.mlflow is not None:
+            try:
+                self.mlflow.log_params({k: redact(str(v)) for k, v in params.items()})
+            except Exception as e:  # noqa: BLE001 - MLflow refuses changed values of a resumed run's params
+                print(f"[train] MLflow params not logged ({type(e).__name__}); they are in the run directory")
+
     def artifact(self, path: Path, subdir: str | None = None) -> None:
         if self.active and self.mlflow is not None and Path(path).exists():
             if Path(path).is_dir():

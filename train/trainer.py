@@ -71,6 +71,11 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     aligned to ``vocab`` or the corpus's vocab.tsv), wrapped with contrastive heads for byol/barlow.
     Identical on every rank (seeded)."""
     params = resolve_model_params(cfg.model)
+    start = None
+    if cfg.model.init_from:
+        from scpretrain.train.published import init_params
+
+        params, start = init_params(cfg.model.init_from, cfg.model.family, params, cfg.model.params)
     params["n_genes"] = n_genes
     kind = objectives.resolve_kind(cfg.model.family, cfg.objective.kind)
     emb = None
@@ -83,6 +88,15 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     model = build_model(cfg.model.family, params)
     if emb is not None:
         model.load_gene_embedding(emb)
+    report = None
+    if start is not None:
+        from scpretrain.train.published import init_from_export
+
+        report = init_from_export(model, start, vocab if vocab is not None else read_vocab(Path(cfg.data.corpus)))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[train] model.init_from {start.path}: {report['genes_shared']:,} of the corpus's "
+                  f"{report['corpus_genes']:,} genes ({report['coverage']:.1%}) take the export's weights; "
+                  f"fresh: {', '.join(report['fresh_tensors']) or 'nothing else'}", flush=True)
     if cfg.model.checkpoint_layers:
         model.checkpoint_layers = True
     if kind in objectives.CONTRASTIVE:
@@ -91,6 +105,7 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
         o = cfg.objective
         model = ContrastiveMAE(model, ContrastiveConfig(method=kind, proj_hidden=o.proj_hidden, proj_dim=o.proj_dim,
                                                         pred_hidden=o.proj_hidden, ema_decay=o.ema_decay))
+    model.init_report = report  # what model.init_from copied (None without it): recorded with the run
     return model
 
 
@@ -203,8 +218,14 @@ def pretrain(cfg: RunConfig) -> dict:
               f"world size {world}, ZeRO-{cfg.engine.zero_stage}, {d.backend} corpus {corpus} "
               f"({manifest['n_cells']:,} cells x {len(vocab):,} genes), "
               + (f"resumed at step {step}" if state else "fresh start"), flush=True)
+    init_report = getattr(model, "init_report", None)
+    if init_report is not None:
+        if rank == 0:
+            (run_dir / "init_from.json").write_text(json.dumps(init_report, indent=2))
+        tracker.params({f"init_from.{k}": v for k, v in init_report.items() if k != "fresh_tensors"})
     export_meta = {"family": cfg.model.family, "hparams": hparams_of(model), "preprocessing": spec.to_dict(),
-                   "corpus": str(corpus.resolve()), "corpus_manifest_sha256": _manifest_hash(corpus)}
+                   "corpus": str(corpus.resolve()), "corpus_manifest_sha256": _manifest_hash(corpus),
+                   "init_from": init_report}
     batches = Batches(loader)
     eval_loader = build_eval(cfg, corpus, rank, world, manifest)
     bar = _progress(cfg, rank, step)
@@ -301,7 +322,8 @@ def pretrain(cfg: RunConfig) -> dict:
         if cfg.export_path is not None:
             write_export(cfg.export_path, weights, cfg.model.family, hparams_of(model), spec, vocab,
                          {"steps": step, "cells_seen": cells, "corpus_manifest_sha256": export_meta["corpus_manifest_sha256"],
-                          "code_version": _git_rev(), "run": cfg.name})
+                          "code_version": _git_rev(), "run": cfg.name,
+                          **({"init_from": init_report} if init_report else {})})
             tracker.artifact(cfg.export_path, "export")
             result["export_dir"] = str(cfg.export_path)
         png = plot_loss(tracker.metrics_path, run_dir / "loss_curve.png", f"{cfg.name}: training loss")
