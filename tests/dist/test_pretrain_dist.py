@@ -102,3 +102,40 @@ def test_performer_on_soma_redraws_stay_identical_across_ranks_and_exports_from_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert int(a["redraws"]) == 2  # redrawn at forward calls 2 and 4 (of 6)
     assert json.loads((out / "config.json").read_text())["provenance"]["steps"] == 6
+
+
+def test_init_from_imported_weights_on_a_partly_overlapping_corpus(tmp_path, small_corpus):
+    """An ssl_in_scg checkpoint over 200 of the corpus's 300 genes (+100 others, another order), imported and
+    pretrained from under torchrun + ZeRO-2: shared genes and gene-independent tensors start from it."""
+    from safetensors.torch import load_file
+
+    from scpretrain.sharding.manifest import read_vocab
+    from tests.unit.test_published_weights import mlp_state, save_lightning
+
+    vocab = read_vocab(small_corpus)
+    genes = [g for g, _ in vocab[100:]] + [f"OTHER{i}" for i in range(100)]
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0)).tolist()
+    genes = [genes[i] for i in order]
+    (tmp_path / "genes.txt").write_text("\n".join(genes) + "\n")
+    sd = {**mlp_state("encoder.", [300, 48, 24, 12], 1), **mlp_state("decoder.0.", [12, 24, 48, 300], 2)}
+    save_lightning(tmp_path / "ssl.ckpt", sd)
+    run_cli(["-m", "train", "import-weights", "--from", "ssl_in_scg", "--checkpoint", str(tmp_path / "ssl.ckpt"),
+             "--genes", str(tmp_path / "genes.txt"), "--out", str(tmp_path / "imported")])
+    out = tmp_path / "export"
+    p = torchrun("configs/pretrain/demo_mae.yaml", base(tmp_path, small_corpus, "init", 1, [
+        f"model.init_from={tmp_path / 'imported'}", f"export_dir={out}"]))
+    assert "200 of the corpus's 300 genes (66.7%) take the export's weights" in p.stdout
+    report = json.loads((tmp_path / "runs" / "init" / "init_from.json").read_text())
+    assert report["genes_shared"] == 200 and report["export_genes"] == 300
+    prov = json.loads((out / "config.json").read_text())
+    assert prov["model"]["hidden"] == [48, 24] and prov["provenance"]["init_from"]["coverage"] == 0.6667
+    w = load_file(str(out / "model.safetensors"))
+    # one Adam step (warm-up learning rate <= 1e-3) moves each weight by at most the learning rate
+    src = {g: i for i, g in enumerate(genes)}
+    for j, (g, _) in enumerate(vocab):
+        if g in src:
+            assert (w["encoder.0.weight"][:, j] - sd["encoder.0.weight"][:, src[g]]).abs().max() <= 1.1e-3
+    assert (w["encoder.3.weight"] - sd["encoder.3.weight"]).abs().max() <= 1.1e-3
+    # the 100 corpus genes the checkpoint lacks start fresh, not from any imported column
+    fresh = w["encoder.0.weight"][:, :100]
+    assert min((fresh - sd["encoder.0.weight"][:, [i]]).abs().max() for i in range(300)) > 1e-2
