@@ -203,6 +203,18 @@ def test_scbert_finetuned_file_imports_a_head_that_annotates(tmp_path):
     ref = torch.softmax(z @ sd["to_out.fc3.weight"].T + sd["to_out.fc3.bias"], dim=1)
     assert clf.classes == classes
     assert np.allclose(probs, ref.numpy(), atol=1e-5)
+    # and through the command users run: evaluate annotate --load-head
+    from scpretrain.evaluate.__main__ import main as evaluate_main
+
+    q = anndata.AnnData(sp.csr_matrix(x))
+    q.var_names = names
+    q.write_h5ad(tmp_path / "query.h5ad")
+    assert evaluate_main(["annotate", "--export", str(tmp_path / "ft"), "--load-head",
+                          str(tmp_path / "ft" / "heads" / "imported-scbert"), "--query", str(tmp_path / "query.h5ad"),
+                          "--label-key", "cell_type", "--threshold", "0", "--out", str(tmp_path / "annotated.h5ad"),
+                          "--quiet"]) == 0
+    got = anndata.read_h5ad(tmp_path / "annotated.h5ad").obs["predicted_cell_type"].astype(str).tolist()
+    assert got == [classes[i] for i in ref.argmax(1).tolist()]
 
 
 # --- ssl_in_scg ----------------------------------------------------------------------------------------
