@@ -24,10 +24,13 @@ class Block:
     """CSR rows plus their global identity. ``obs`` maps column -> numpy array (object for text)."""
 
     indptr: np.ndarray  # int64 [n + 1]
-    indices: np.ndarray  # int32 [nnz]
+    indices: np.ndarray  # uint16 (up to 65,536 genes) or int32 [nnz]
     data: np.ndarray  # float32 [nnz]
     cell_id: np.ndarray  # int64 [n]
     obs: dict[str, np.ndarray]
+    # A window held in read order (SomaReader): row i of the window is stored row ``order[i]``, gathered one
+    # batch at a time by ``slice_rows`` instead of permuting the whole window (one copy of it in memory, not two).
+    order: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.cell_id)
@@ -173,16 +176,16 @@ def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
     return pos, out_ptr
 
 
-def take_rows(block: Block, order: np.ndarray) -> Block:
-    """Rows of ``block`` in ``order`` (a permutation or subset)."""
+def take_rows(block: Block, order: np.ndarray, pool: "BufferPool | None" = None) -> Block:
+    """Rows of ``block`` in ``order`` (a permutation or subset); output buffers from ``pool`` when given."""
     order = np.asarray(order, dtype=np.int64)
     lens = block.indptr[order + 1] - block.indptr[order]
     indptr = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(lens, out=indptr[1:])
     nnz = int(indptr[-1])
     if _gather is not None:
-        idx = np.empty(nnz, dtype=block.indices.dtype)
-        dat = np.empty(nnz, dtype=block.data.dtype)
+        idx = pool.get(nnz, block.indices.dtype) if pool else np.empty(nnz, dtype=block.indices.dtype)
+        dat = pool.get(nnz, block.data.dtype) if pool else np.empty(nnz, dtype=block.data.dtype)
         _gather(block.indptr, block.indices, block.data, order, indptr, idx, dat)
     else:
         src = np.repeat(block.indptr[order] - indptr[:-1], lens) + np.arange(nnz, dtype=np.int64)
@@ -191,7 +194,9 @@ def take_rows(block: Block, order: np.ndarray) -> Block:
 
 
 def slice_rows(block: Block, lo: int, hi: int) -> Block:
-    """Rows [lo, hi) without copying the non-zeros."""
+    """Rows [lo, hi) without copying the non-zeros (a block held in read order: those rows gathered)."""
+    if block.order is not None:
+        return take_rows(block, block.order[lo:hi])
     a, b = int(block.indptr[lo]), int(block.indptr[hi])
     return Block(block.indptr[lo: hi + 1] - a, block.indices[a:b], block.data[a:b], block.cell_id[lo:hi],
                  {k: v[lo:hi] for k, v in block.obs.items()})

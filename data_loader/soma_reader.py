@@ -6,7 +6,62 @@ import threading
 
 import numpy as np
 
-from scpretrain.data_loader.readers import Block, scatter_rows, window_layout
+from scpretrain.data_loader.readers import Block, BufferPool
+
+MIB = 1 << 20
+# Loader memory a SOMA reader plans for (``data.soma_memory_budget``, MiB): TileDB's buffers, one read's Arrow
+# tables and the windows in flight. Chosen from the measurements in BENCHMARKS.md (SOMA memory).
+DEFAULT_MEMORY_BUDGET_MB = 512
+# bytes per non-zero: an Arrow result (int64 row, int64 column, float32 value) and our window (uint16 + float32)
+ARROW_BYTES, WINDOW_BYTES = 20, 6
+
+
+def _append_sorted_py(dim0, dim1, val, q, last, out_idx, out_dat, off, counts):  # pragma: no cover - numba target
+    """Copy one result table into the window at ``off`` (gene index narrowed, value cast) and count each row's
+    non-zeros, in one pass; both ``dim0`` and the query's joinids ``q`` are sorted, so rows are found by a
+    merge walk. Returns False, having written nothing, when ``dim0`` is out of row order (or before ``last``)."""
+    prev = last
+    for i in range(dim0.shape[0]):
+        if dim0[i] < prev:
+            return False
+        prev = dim0[i]
+    j = 0
+    for i in range(dim0.shape[0]):
+        r = dim0[i]
+        while q[j] < r:
+            j += 1
+        counts[j] += 1
+        out_idx[off + i] = dim1[i]
+        out_dat[off + i] = val[i]
+    return True
+
+
+def _append_sorted_np(dim0, dim1, val, q, last, out_idx, out_dat, off, counts):
+    if dim0[0] < last or (len(dim0) > 1 and np.any(dim0[1:] < dim0[:-1])):
+        return False
+    m = len(dim0)
+    out_idx[off:off + m] = dim1
+    out_dat[off:off + m] = val
+    counts += np.searchsorted(dim0, q, side="right") - np.searchsorted(dim0, q, side="left")
+    return True
+
+
+try:
+    import numba
+
+    _append_sorted = numba.njit(cache=True, nogil=True)(_append_sorted_py)
+except ImportError:  # pragma: no cover
+    _append_sorted = _append_sorted_np
+
+
+def _grow(buf: np.ndarray, used: int, need: int) -> np.ndarray:
+    out = np.empty(max(need, int(len(buf) * 1.5)), dtype=buf.dtype)
+    out[:used] = buf[:used]
+    return out
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
 
 
 class SomaReader:
@@ -18,7 +73,12 @@ class SomaReader:
 
     def __init__(self, uri: str, obs_columns: list[str], value_filter: str | None = None,
                  measurement: str = "RNA", layer: str = "raw", census_organism: str | None = None,
-                 id_column: str = "cell_id", shard_sizes: list[int] | None = None):
+                 id_column: str = "cell_id", shard_sizes: list[int] | None = None,
+                 memory_budget_mb: int | None = None):
+        self.memory_budget = int(memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) * MIB
+        if self.memory_budget < 64 * MIB:
+            raise ValueError(f"data.soma_memory_budget: {memory_budget_mb} MiB is below the 64 MiB a SOMA read needs; "
+                             f"set 64 or more (default {DEFAULT_MEMORY_BUDGET_MB})")
         self.uri, self.value_filter = str(uri), value_filter
         self.measurement, self.layer, self.organism = measurement, layer, census_organism
         self.obs_columns, self.id_column = list(obs_columns), id_column
@@ -51,26 +111,62 @@ class SomaReader:
         else:
             self.sizes = [n]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        X = exp.ms[self.measurement].X[self.layer]
+        self.n_genes = int(X.shape[1])
+        # the plan's first guess from the first 256 cells (X.nnz reads every fragment: 3 s at 200k cells),
+        # refined by every window read
+        self.nnz_per_row = 2000.0
+        if n:
+            import pyarrow as pa
+
+            first = self.joinids[:256] if self.joinids is not None else np.arange(min(n, 256))
+            got = sum(t.num_rows for t in X.read(coords=(pa.array(first),)).tables())
+            self.nnz_per_row = max(1.0, got / len(first))
+        self._bufs: BufferPool | None = None  # window buffers reused (no page zeroing per window)
+
+    # --- memory plan -------------------------------------------------------------------------------
+
+    def tiledb_config(self) -> dict:
+        """TileDB settings from the budget: each column buffer of a read and TileDB's own working memory bounded
+        (the defaults, 1 GiB per buffer in the Census's context, are what made one reader hold 6 GB)."""
+        b = self.memory_budget
+        return {"soma.init_buffer_bytes": int(min(128 * MIB, max(2 * MIB, b // 128))),
+                "sm.mem.total_budget": int(b // 8)}
+
+    @property
+    def rows_per_read(self) -> int:
+        """Cells per TileDB query, ~32M non-zeros (16,384 cells at ~1,500 per cell). Its results arrive as tables
+        of ``soma.init_buffer_bytes`` per column, so the query size sets the per-query overhead, not the memory:
+        with 8 MiB buffers, 16,384-cell queries read 43k cells/s where 4,096-cell ones read 36k (BENCHMARKS.md)."""
+        return int(min(65536, max(1024, _pow2_floor(2 ** 25 / self.nnz_per_row))))
+
+    def window_limit(self, window_rows: int) -> int:
+        """Windows of ``window_rows`` cells that may exist at once (read ahead, being read, being consumed)
+        within half the budget; at least 1."""
+        return max(1, int(self.memory_budget / 2 // max(1.0, window_rows * self.nnz_per_row * WINDOW_BYTES)))
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_bufs")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._bufs = None
 
     def _experiment(self):
         loc = self._local
         if getattr(loc, "exp", None) is None:
+            config = self.tiledb_config()
             if self.organism:
                 import cellxgene_census
 
-                loc.ctx = cellxgene_census.open_soma(uri=self.uri)
+                loc.ctx = cellxgene_census.open_soma(uri=self.uri, tiledb_config=config)
                 loc.exp = loc.ctx["census_data"][self.organism]
             else:
                 import tiledbsoma
 
-                loc.exp = tiledbsoma.Experiment.open(self.uri)
+                loc.exp = tiledbsoma.Experiment.open(self.uri, context=tiledbsoma.SOMATileDBContext(
+                    tiledb_config=config))
         return loc.exp
 
     def set_workers(self, k: int) -> None:
@@ -92,14 +188,76 @@ class SomaReader:
         """Cells ``(shard[j], row[j])``, sorted by (shard, row), returned as rows ``order``."""
         return self._read_sorted(self.offsets[np.asarray(shard)] + np.asarray(row), np.asarray(order))
 
-    def _read_sorted(self, rows: np.ndarray, order: np.ndarray) -> Block:
-        """Local rows, sorted, read with one X and one obs query; returned as rows ``order``.
+    def _tables(self, X, jids: np.ndarray):
+        """(start, joinids, Arrow table) for each result table of each query of ``rows_per_read`` cells, then
+        (start, joinids, None) to close the query. TileDB reads in a helper thread (it releases the GIL) while
+        this thread copies; at most two tables wait between them, so memory does not grow with the query."""
+        import queue
 
-        One query with every joinid of the window (TileDB merges them into ranges) costs no more than
-        one range query per block and saves the per-query overhead. TileDB's unordered results (~15x
-        faster than ``result_order="row-major"``) are sorted by row only when they arrive out of order;
-        one numba pass then copies every row into its place in the mixed window, casting the gene
-        index to the vocabulary's smallest type (uint16 up to 65,536 genes).
+        import pyarrow as pa
+
+        step, done = self.rows_per_read, object()
+        box: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    box.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for a in range(0, len(jids), step):
+                    q = jids[a:a + step]
+                    for t in X.read(coords=(pa.array(q),)).tables():
+                        if not put((a, q, t)):
+                            return
+                    if not put((a, q, None)):
+                        return
+                put(done)
+            except BaseException as e:  # noqa: BLE001 - handed to the reading thread, raised there
+                put(e)
+
+        th = threading.Thread(target=produce, name="soma-query", daemon=True)
+        th.start()
+        try:
+            while True:
+                item = box.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                del item
+        finally:
+            stop.set()
+            th.join()
+
+    @staticmethod
+    def _reorder(out_idx, out_dat, start: int, stop: int, q: np.ndarray, counts: np.ndarray, late: list) -> int:
+        """One query's region [start, stop) in row order, merged with its out-of-order tables ``late``."""
+        rows = [np.repeat(q, counts), *(d0 for d0, _, _ in late)]
+        cols = [out_idx[start:stop].copy(), *(d1 for _, d1, _ in late)]
+        vals = [out_dat[start:stop].copy(), *(v for _, _, v in late)]
+        row, col, val = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+        o = np.argsort(row, kind="stable")
+        end = start + len(row)
+        out_idx[start:end], out_dat[start:end] = col[o], val[o]
+        counts[:] = np.searchsorted(row[o], q, side="right") - np.searchsorted(row[o], q, side="left")
+        return end
+
+    def _read_sorted(self, rows: np.ndarray, order: np.ndarray) -> Block:
+        """Local rows, sorted, read in queries of ``rows_per_read`` cells, each query's Arrow tables copied into
+        the window as they arrive; returned in read order with ``order`` (``slice_rows`` gathers each batch).
+
+        Memory: the window once (uint16 gene index + float32 value per non-zero) plus one query's tables,
+        instead of the whole window's Arrow tables plus a permuted copy. Each query sends TileDB its joinids
+        (merged into ranges) and takes the unordered results (~15x faster than row-major), sorted by row only
+        when they arrive out of order.
         """
         import pyarrow as pa
 
@@ -107,37 +265,56 @@ class SomaReader:
         jids = self.joinids[rows] if self.joinids is not None else np.asarray(rows, dtype=np.int64)
         X = exp.ms[self.measurement].X[self.layer]
         n = len(jids)
-        coords = pa.array(jids)
-        tables = list(X.read(coords=(coords,)).tables()) if n else []
-        tbl = pa.concat_tables(tables) if len(tables) > 1 else (tables[0] if tables else None)
-        if tbl is not None and tbl.num_rows:
+        idx_dtype = np.uint16 if self.n_genes <= 65536 else np.int32
+        if self._bufs is None:
+            self._bufs = BufferPool(keep=2)  # one index and one value buffer: an outgrown pair is freed
+        cap = int(n * self.nnz_per_row * 1.5) + 1024  # untouched pages of the slack are never resident
+        out_idx, out_dat = self._bufs.get(cap, idx_dtype), self._bufs.get(cap, np.float32)
+        counts = np.zeros(n, dtype=np.int64)
+        nnz, last, q_nnz, late = 0, -1, 0, None
+        for a, q, tbl in self._tables(X, jids):
+            if tbl is None:  # the query is complete
+                if late is not None:  # its results came out of row order: put its region in order
+                    need = nnz + sum(len(d0) for d0, _, _ in late)
+                    if need > len(out_idx):
+                        out_idx, out_dat = _grow(out_idx, nnz, need), _grow(out_dat, nnz, need)
+                    nnz = self._reorder(out_idx, out_dat, q_nnz, nnz, q, counts[a:a + len(q)], late)
+                last, q_nnz, late = -1, nnz, None
+                continue
             dim0 = tbl.column("soma_dim_0").to_numpy()
             dim1 = tbl.column("soma_dim_1").to_numpy()
             val = tbl.column("soma_data").to_numpy()
-        else:
-            dim0, dim1, val = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-        if len(dim0) > 1 and np.any(dim0[1:] < dim0[:-1]):
-            o = np.argsort(dim0, kind="stable")
-            dim0, dim1, val = dim0[o], dim1[o], val[o]
-        start = np.searchsorted(dim0, jids, side="left")  # rows are sorted: n searches, not one per nnz
-        length = np.searchsorted(dim0, jids, side="right") - start
-        n_genes = int(X.shape[1])
-        idx_dtype = np.uint16 if n_genes <= 65536 else np.int32
-        pos, out_ptr = window_layout(length, order)
-        out_idx = np.empty(int(out_ptr[-1]), dtype=idx_dtype)
-        out_dat = np.empty(int(out_ptr[-1]), dtype=val.dtype if val.dtype.kind == "f" else np.float32)
-        scatter_rows(pos, start, length, out_ptr, dim1, val, out_idx, out_dat, 0, 0, n)
+            del tbl
+            m = len(dim0)
+            if not m:
+                continue
+            if nnz + m > len(out_idx):  # more non-zeros than planned: grow by half again
+                out_idx, out_dat = _grow(out_idx, nnz, nnz + m), _grow(out_dat, nnz, nnz + m)
+            if late is not None or not _append_sorted(dim0, dim1, val, q, last, out_idx, out_dat, nnz,
+                                                      counts[a:a + len(q)]):
+                late = late if late is not None else []  # rare (several fragments): kept aside, sorted at the end
+                late.append((dim0.copy(), dim1.copy(), val.copy()))
+                continue
+            nnz += m
+            last = int(dim0[-1])
+            del dim0, dim1, val
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        if n:  # what this store really holds per cell plans the next windows
+            self.nnz_per_row = 0.5 * self.nnz_per_row + 0.5 * max(1.0, nnz / n)
         cols = [self.id_column, *self.obs_columns] if self.id_column else list(self.obs_columns)
         obs = {}
         if cols and n:
-            obs_tbl = exp.obs.read(coords=(coords,), column_names=["soma_joinid", *cols]).concat()
+            obs_tbl = exp.obs.read(coords=(pa.array(jids),), column_names=["soma_joinid", *cols]).concat()
             at = np.searchsorted(jids, obs_tbl.column("soma_joinid").to_numpy())
             for c in cols:
                 arr = obs_tbl.column(c).to_numpy(zero_copy_only=False)
                 col = np.empty(n, dtype=arr.dtype)
                 col[at] = arr
-                obs[c] = col[order]
+                obs[c] = col
         for c in cols:  # an empty read still carries every column
             obs.setdefault(c, np.zeros(0, dtype=object))
-        cell_id = obs.pop(self.id_column).astype(np.int64) if self.id_column else jids[order].copy()
-        return Block(out_ptr, out_idx, out_dat, cell_id, obs)
+        cell_id = obs.pop(self.id_column).astype(np.int64) if self.id_column else jids.copy()
+        order = np.asarray(order, dtype=np.int64)
+        identity = len(order) == n and bool(np.all(order == np.arange(n)))
+        return Block(indptr, out_idx[:nnz], out_dat[:nnz], cell_id, obs, order=None if identity else order)

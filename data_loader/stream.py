@@ -77,13 +77,20 @@ class CorpusDataset(IterableDataset):
             # decode threads each, so K workers do not oversubscribe the cores (or hold K x 2 windows)
             threads = 1
             self.reader.set_workers(k)
-        if self.read_ahead > 0:
-            source = _prefetch(tasks, self.read_ahead, threads)
+        depth = self.read_ahead
+        limit = getattr(self.reader, "window_limit", None)
+        if limit is not None:  # a reader with a memory budget: windows alive = read ahead + being read + consumed
+            depth = min(depth, limit(self.batch_size * self.window_batches) - 1)
+        if depth > 0:
+            source = _prefetch(tasks, depth, threads)
         else:
             source = ((read(), cuts) for read, cuts in tasks)
-        for block, cuts in source:
+        for item in source:
+            block, cuts = item
+            del item
             for lo, hi in cuts:
                 yield _to_batch(slice_rows(block, lo, hi), state.epoch)
+            del block  # before the next window is read (no read ahead: one window in memory, not two)
 
 
 def _prefetch(tasks: Iterator[tuple], depth: int, threads: int = 2) -> Iterator[tuple]:
@@ -150,6 +157,9 @@ class StreamingLoader:
             store with the Census layout, opened through ``cellxgene_census.open_soma(uri=...)``.
         soma_filter: an obs value filter (``"tissue_general == 'lung' and is_primary_data == True"``).
             Cells are named by the store's ``cell_id`` column, or by ``soma_joinid`` where it has none.
+        soma_memory_budget: MiB the SOMA backend plans for (TileDB buffers, one query's results, the windows
+            in flight; default ``soma_reader.DEFAULT_MEMORY_BUDGET_MB``): it sizes the queries and lowers
+            ``read_ahead`` when windows are large. The Zarr backend ignores it.
 
     Each ``iter()`` yields the rest of the current epoch; the next one starts the next epoch.
     """
@@ -159,7 +169,7 @@ class StreamingLoader:
                  block_size: int | None = None, window_batches: int = 8, obs_columns: list[str] | tuple = (),
                  persistent_workers: bool = False, pin_memory: bool | None = None, read_ahead: int = 2,
                  soma_uri: str | None = None, soma_filter: str | None = None, census_organism: str | None = None,
-                 split: str | None = "train"):
+                 split: str | None = "train", soma_memory_budget: int | None = None):
         if rank is None or world_size is None:
             dist = torch.distributed
             on = dist.is_available() and dist.is_initialized()
@@ -172,6 +182,7 @@ class StreamingLoader:
         self.manifest = read_manifest(self.corpus) if corpus is not None else {}
         # a split filter only where the corpus has held-out cells (else every cell is "train")
         self.split = split if self.manifest.get("splits") else None
+        self.soma_memory_budget = soma_memory_budget
         self.reader = self._build_reader(backend, list(obs_columns), soma_uri, soma_filter, census_organism)
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self._block_explicit = block_size is not None
@@ -218,7 +229,8 @@ class StreamingLoader:
                 soma_filter = f"({soma_filter}) and {split_filter}" if soma_filter else split_filter
             if soma_uri is None and soma_filter is None and self.manifest.get("zarr"):
                 sizes = [int(sh["n_cells"]) for sh in self.manifest["zarr"]["shards"]]
-            return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism, shard_sizes=sizes)
+            return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism, shard_sizes=sizes,
+                              memory_budget_mb=self.soma_memory_budget)
         raise ValueError(f"backend: {backend!r} is not one of 'zarr', 'soma'")
 
     @property

@@ -44,6 +44,8 @@ class DataConfig:
     read_ahead: int = 2
     soma_filter: str | None = None
     split: str | None = "train"  # cells of this split only (corpora built with --holdout); null = all
+    # SOMA backend: MiB of loader memory to plan for (TileDB buffers, query size, windows in flight); null = 512
+    soma_memory_budget: int | None = None
 
 
 @dataclass

@@ -192,7 +192,8 @@ def pretrain(cfg: RunConfig) -> dict:
     d = cfg.data
     common = dict(backend=d.backend, batch_size=d.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                   num_workers=d.num_workers, block_size=d.block_size, window_batches=d.window_batches,
-                  read_ahead=d.read_ahead, soma_filter=d.soma_filter, split=d.split)
+                  read_ahead=d.read_ahead, soma_filter=d.soma_filter, split=d.split,
+                  soma_memory_budget=d.soma_memory_budget)
     if d.mix:
         common["backends"] = common.pop("backend")
         loader = MixedLoader([corpus] + [Path(m.corpus) for m in d.mix], [d.weight] + [m.weight for m in d.mix],
