@@ -2,6 +2,7 @@
 the Census layout) read a window at a time, with the interface of ``data_loader.readers``."""
 from __future__ import annotations
 
+import queue
 import threading
 
 import numpy as np
@@ -52,6 +53,32 @@ try:
     _append_sorted = numba.njit(cache=True, nogil=True)(_append_sorted_py)
 except ImportError:  # pragma: no cover
     _append_sorted = _append_sorted_np
+
+
+_QUERY_JOBS: "queue.Queue | None" = None
+_QUERY_LOCK = threading.Lock()
+
+
+def _run_in_query_thread(fn) -> threading.Event:
+    """Run ``fn`` on the daemon thread every SOMA reader of the process shares (one thread: its allocations stay
+    in one malloc arena; windows read at once take turns); the returned event is set when it has finished."""
+    global _QUERY_JOBS
+    with _QUERY_LOCK:
+        if _QUERY_JOBS is None:
+            _QUERY_JOBS = queue.Queue()
+            threading.Thread(target=_query_worker, args=(_QUERY_JOBS,), name="soma-query", daemon=True).start()
+    finished = threading.Event()
+    _QUERY_JOBS.put((fn, finished))
+    return finished
+
+
+def _query_worker(jobs: "queue.Queue") -> None:
+    while True:
+        fn, finished = jobs.get()
+        try:
+            fn()
+        finally:
+            finished.set()
 
 
 def _grow(buf: np.ndarray, used: int, need: int) -> np.ndarray:
@@ -191,9 +218,9 @@ class SomaReader:
     def _tables(self, X, jids: np.ndarray):
         """(start, joinids, Arrow table) for each result table of each query of ``rows_per_read`` cells, then
         (start, joinids, None) to close the query. TileDB reads in a helper thread (it releases the GIL) while
-        this thread copies; at most two tables wait between them, so memory does not grow with the query."""
-        import queue
-
+        this thread copies; at most two tables wait between them, so memory does not grow with the query.
+        The query thread is the process's one long-lived one (``_run_in_query_thread``): a new thread per
+        window left each window's buffers in a fresh malloc arena (RSS crept up 40% over 30 windows)."""
         import pyarrow as pa
 
         step, done = self.rows_per_read, object()
@@ -222,8 +249,7 @@ class SomaReader:
             except BaseException as e:  # noqa: BLE001 - handed to the reading thread, raised there
                 put(e)
 
-        th = threading.Thread(target=produce, name="soma-query", daemon=True)
-        th.start()
+        finished = _run_in_query_thread(produce)
         try:
             while True:
                 item = box.get()
@@ -235,7 +261,7 @@ class SomaReader:
                 del item
         finally:
             stop.set()
-            th.join()
+            finished.wait()
 
     @staticmethod
     def _reorder(out_idx, out_dat, start: int, stop: int, q: np.ndarray, counts: np.ndarray, late: list) -> int:
