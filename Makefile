@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: setup demo test clean bench-loader bench-corpus bench-annotation bench-gpu bench-real bench-downstream
+PACKAGES := data_loader sharding train evaluate scmodels launch scpretrain
+.PHONY: setup demo test lint clean bench-loader bench-corpus bench-annotation bench-gpu bench-real bench-downstream
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or 3.12, or run make PYTHON=/path/to/python3.12"; exit 2; }
@@ -27,6 +28,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check $(PACKAGES)
 
 clean:
 	rm -rf demo_out bench_out

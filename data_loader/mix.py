@@ -127,7 +127,7 @@ class MixedLoader:
 
     def _next(self, i: int) -> dict | None:
         """The next sub-batch of corpus i; a secondary corpus rolls into its next epoch."""
-        for attempt in range(2):
+        for _attempt in range(2):
             if self._its[i] is None:
                 self._its[i] = iter(self.loaders[i])
             try:

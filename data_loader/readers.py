@@ -61,11 +61,11 @@ class Reader(Protocol):
 
     sizes: list[int]  # rows per shard, in corpus order (the epoch plan's unit)
 
-    def read(self, shard: int, start: int, stop: int) -> "Block":
+    def read(self, shard: int, start: int, stop: int) -> Block:
         """Rows ``start:stop`` of ``shard`` in store order."""
         ...
 
-    def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> "Block":
+    def read_window(self, shard: np.ndarray, row: np.ndarray, order: np.ndarray) -> Block:
         """The rows ``(shard[i], row[i])`` of a mixing window, returned in the order ``order``."""
         ...
 
@@ -176,7 +176,7 @@ def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
     return pos, out_ptr
 
 
-def take_rows(block: Block, order: np.ndarray, pool: "BufferPool | None" = None) -> Block:
+def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None) -> Block:
     """Rows of ``block`` in ``order`` (a permutation or subset); output buffers from ``pool`` when given."""
     order = np.asarray(order, dtype=np.int64)
     lens = block.indptr[order + 1] - block.indptr[order]
@@ -371,7 +371,6 @@ class ZarrReader:
         cell_id = np.empty(n, dtype=np.int64)
         obs_parts: dict[str, list[np.ndarray]] = {c: [] for c in self.obs_columns}
         tasks: list[tuple] = []  # (array pair, chunk ids, first slot, sorted rows [a, b))
-        slot = 0
         arrays = []
         C = 0
         for s, a, b in zip(shards, first, bounds):

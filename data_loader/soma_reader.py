@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover
     _append_sorted = _append_sorted_np
 
 
-_QUERY_JOBS: "queue.Queue | None" = None
+_QUERY_JOBS: queue.Queue | None = None
 _QUERY_LOCK = threading.Lock()
 
 
@@ -72,7 +72,7 @@ def _run_in_query_thread(fn) -> threading.Event:
     return finished
 
 
-def _query_worker(jobs: "queue.Queue") -> None:
+def _query_worker(jobs: queue.Queue) -> None:
     while True:
         fn, finished = jobs.get()
         try:

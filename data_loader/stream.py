@@ -18,8 +18,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from scpretrain.data_loader.readers import Block, Reader, ZarrReader, slice_rows
 from scpretrain.data_loader.soma_reader import SomaReader
 from scpretrain.sharding.manifest import read_manifest
-from scpretrain.sharding.plan import (EpochOrder, Layout, StreamState, batches_per_rank, block_table,
-                           consumed_per_stream, resume_state, segment_length, stream_batches)
+from scpretrain.sharding.plan import (
+    EpochOrder,
+    Layout,
+    StreamState,
+    batches_per_rank,
+    block_table,
+    consumed_per_stream,
+    resume_state,
+    segment_length,
+    stream_batches,
+)
 
 
 def _to_batch(block: Block, epoch: int) -> dict:
@@ -197,14 +206,14 @@ class StreamingLoader:
         self._loader: DataLoader | None = None
 
     @classmethod
-    def from_corpus(cls, corpus: str | Path, backend: str = "zarr", **options) -> "StreamingLoader":
+    def from_corpus(cls, corpus: str | Path, backend: str = "zarr", **options) -> StreamingLoader:
         """A corpus built by ``python -m sharding build``: its Zarr shards or (``backend="soma"``) its
         TileDB-SOMA experiment. ``options`` are the constructor's (batch_size, seed, rank, ...)."""
         return cls(corpus, backend=backend, **options)
 
     @classmethod
     def from_soma(cls, uri: str, *, value_filter: str | None = None, census_organism: str | None = None,
-                  **options) -> "StreamingLoader":
+                  **options) -> StreamingLoader:
         """An existing SOMA experiment streamed as it is (no corpus); with ``census_organism`` a store with
         the Census layout, opened through ``cellxgene_census.open_soma(uri=...)``."""
         return cls(None, backend="soma", soma_uri=uri, soma_filter=value_filter, census_organism=census_organism,

@@ -82,7 +82,11 @@ def write_pictures(out_dir: str | Path, embedding: np.ndarray, predicted: np.nda
                    truth: np.ndarray | None = None, classes: list[str] | None = None, seed: int = 0,
                    umap: bool = True) -> dict[str, str]:
     """umap.png (coloured by prediction, and by truth when given) and, with truth, confusion_matrix.png."""
-    from scpretrain.evaluate.plots import plot_confusion, plot_umap, umap_coordinates  # matplotlib only when asked
+    from scpretrain.evaluate.plots import (  # matplotlib only when asked
+        plot_confusion,
+        plot_umap,
+        umap_coordinates,
+    )
 
     out = Path(out_dir)
     files: dict[str, str] = {}
@@ -148,6 +152,8 @@ def _sklearn_guard(what: str, fn: Any, *args: Any, **kw: Any) -> Any:
                             "needs cells) and that the counts are finite") from e
 
 
+# long: one straight sequence users can follow (check inputs, align, fit or load the head, predict, threshold,
+# compare with the baseline, plot); each step is a call, the length is the argument checks.
 def annotate(
     model: Export | str | Path,
     adata: Any,

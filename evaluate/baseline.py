@@ -36,7 +36,7 @@ class LogRegBaseline:
     max_iter: int = 1000
     c: float = C
 
-    def fit(self, counts: Any, labels: np.ndarray) -> "LogRegBaseline":
+    def fit(self, counts: Any, labels: np.ndarray) -> LogRegBaseline:
         from sklearn.linear_model import LogisticRegression  # lazily: keeps `import evaluate` light
 
         x = log_normalize(counts)

@@ -37,7 +37,8 @@ from torch import nn
 from scpretrain.evaluate.embedding import pick_device
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
-from scpretrain.evaluate.heads import CONFIG_FILE as HEAD_CONFIG, Head, save_folder
+from scpretrain.evaluate.heads import CONFIG_FILE as HEAD_CONFIG
+from scpretrain.evaluate.heads import Head, save_folder
 from scpretrain.scmodels import preprocess
 
 MODES = ("frozen", "partial", "full")
@@ -111,7 +112,7 @@ class Classifier:
 
     @classmethod
     def create(cls, export: Export, head: Head, mode: str = "frozen",
-               unfreeze: int | list[int] = 1) -> "Classifier":
+               unfreeze: int | list[int] = 1) -> Classifier:
         """Wrap ``export`` for training in ``mode``: the parameters to train have requires_grad set."""
         names = trainable_names(export.module, mode, unfreeze)
         if mode == "frozen":
@@ -145,7 +146,7 @@ class Classifier:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def to(self, device: torch.device) -> "Classifier":
+    def to(self, device: torch.device) -> Classifier:
         self.encoder.to(device)
         self.head.to(device)
         return self
@@ -188,7 +189,7 @@ class Classifier:
         return save_folder(directory, HEAD_CONFIG, "head", write)  # one folder, swapped in whole
 
     @classmethod
-    def load(cls, directory: str | Path, export: Export) -> "Classifier":
+    def load(cls, directory: str | Path, export: Export) -> Classifier:
         """Reload a saved classifier onto ``export``; refuses any export but the one it was trained on."""
         d = Path(directory)
         head = Head.load(d)

@@ -25,8 +25,13 @@ from scpretrain.evaluate.embedding import as_export, embed_counts, pick_device
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.heads import HEAD_KINDS, Head
-from scpretrain.evaluate.longtail import Criterion, LongTail, make_criterion, mine_hard
-from scpretrain.evaluate.longtail import class_weights  # noqa: F401  (importable from here, as before)
+from scpretrain.evaluate.longtail import (
+    Criterion,
+    LongTail,
+    class_weights,  # noqa: F401  (importable from here, as before)
+    make_criterion,
+    mine_hard,
+)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +240,8 @@ _THROUGH_ENCODER = dict(lr={"linear": 1e-2, "mlp": 3e-3, "scbert": 1e-3}, batch_
                         patience=5)
 
 
+# long: the closures below share one training state (encoder, head, cache, best snapshot); as separate
+# functions they would pass all of it around.
 def fit_classifier(
     model: Export,
     counts: sp.csr_matrix,

@@ -27,9 +27,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from scpretrain.evaluate.align import align_to_vocab, count_source, strip_version
-from scpretrain.scmodels.genes import ENSEMBL_ID
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.vectors import read_vectors
+from scpretrain.scmodels.genes import ENSEMBL_ID
 
 WEIGHTS = ("log1p", "normalized", "counts")
 _ENSEMBL = ENSEMBL_ID
@@ -54,7 +54,7 @@ class GeneVectors:
         return [(strip_version(n), n) if _ENSEMBL.match(n) else ("", n) for n in self.names]
 
     @classmethod
-    def load(cls, path: str | Path, names_file: str | Path | None = None) -> "GeneVectors":
+    def load(cls, path: str | Path, names_file: str | Path | None = None) -> GeneVectors:
         """From a text table, a .npy + gene list or a JSON object (see ``evaluate.vectors``)."""
         names, mat = read_vectors(path, names_file)
         return cls(names, mat, str(path))

@@ -167,7 +167,7 @@ class Head(nn.Module):
         (d / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Head":
+    def load(cls, directory: str | Path) -> Head:
         """Reload a head written by :meth:`save` (safetensors + JSON only)."""
         d = Path(directory)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE

@@ -227,7 +227,7 @@ class LangCellHead(nn.Module):
         return save_folder(directory, CONFIG_FILE, "LangCell head", write)  # one folder, swapped in whole
 
     @classmethod
-    def load(cls, directory: str | Path) -> "LangCellHead":
+    def load(cls, directory: str | Path) -> LangCellHead:
         d = Path(directory)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
         for p in (cfg_path, w_path):
@@ -258,7 +258,7 @@ class InfoNCE(Criterion):
     def __init__(self) -> None:
         super().__init__("langcell_infonce")
 
-    def to(self, device: torch.device) -> "InfoNCE":
+    def to(self, device: torch.device) -> InfoNCE:
         return self
 
     @staticmethod

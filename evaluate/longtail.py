@@ -130,7 +130,7 @@ class Criterion:
                  sigma: torch.Tensor | None = None):
         self.name, self.class_weight, self.sigma = name, class_weight, sigma
 
-    def to(self, device: torch.device) -> "Criterion":
+    def to(self, device: torch.device) -> Criterion:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 

@@ -15,15 +15,23 @@ from typing import Any
 import numpy as np
 
 from scpretrain.evaluate.align import align_to_vocab
+from scpretrain.evaluate.annotate import (
+    UNASSIGNED,
+    VAL_FRACTION,
+    assign,
+    fit_best_mode,
+    knn_proba,
+    write_pictures,
+)
 from scpretrain.evaluate.baseline import DESCRIPTION as LOGREG
 from scpretrain.evaluate.baseline import log_normalize, logreg_predict  # noqa: F401  (importable from here, as before)
-from scpretrain.evaluate.annotate import UNASSIGNED, VAL_FRACTION, fit_best_mode, assign, knn_proba, write_pictures
 from scpretrain.evaluate.embedding import as_export, embed_counts
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.finetune import labels_of, stratified_split
 
 
+# long: a linear script of the report's rows (head, kNN, expression baseline, majority class) and its plots.
 def report(
     model: Export | str | Path,
     adata: Any,

@@ -5,9 +5,8 @@ Expression-bin token embedding + gene identity embedding, Performer blocks from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import performer_pytorch.performer_pytorch as _pp
 import torch

@@ -29,7 +29,7 @@ class PreprocessSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"preprocessing: unknown field(s) {sorted(unknown)}; expected {sorted(cls.__dataclass_fields__)}")

@@ -23,12 +23,11 @@ import math
 import multiprocessing
 import os
 import shutil
-from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,17 +36,22 @@ from tqdm import tqdm
 from scpretrain.scmodels.atomic import fsync_dir, fsync_tree
 from scpretrain.sharding import manifest as mf
 from scpretrain.sharding import zarr_store
+from scpretrain.sharding.assemble import CATEGORICAL_MAX, COUNTED, assemble_manifest
 from scpretrain.sharding.errors import InputError
 from scpretrain.sharding.obs import FIXED_COLUMNS, ObsPlan, plan_obs
 from scpretrain.sharding.readahead import read_ahead
 from scpretrain.sharding.sources import CensusOptions, Source, open_sources
 from scpretrain.sharding.spool import Categories, ShardSpool
-from scpretrain.sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, parse_matrix
+from scpretrain.sharding.validate import (
+    ValueFaults,
+    check_unique,
+    genes_per_cell,
+    parse_holdout,
+    parse_matrix,
+)
 from scpretrain.sharding.vocab import Alignment, Vocab, align, check_coverage, derive_vocab
 
 FORMATS = ("zarr", "soma", "both")
-_COUNTED = ("cell_type", "dataset_id", "split")  # per-shard tallies summed into the manifest
-CATEGORICAL_MAX = 4096  # text obs columns with at most this many values are stored as categoricals
 READ_AHEAD = 2  # source blocks prepared ahead of dealing, in a thread (0: inline)
 AUTO_JOBS_MIN_CELLS = 100_000  # below this, --jobs 0 (auto) writes shards in the main process
 _OWNED = {"manifest.json", mf.MANIFEST_TMP, "vocab.tsv", "zarr", "soma", ".build"}
@@ -124,7 +128,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict[str, Any
     finally:
         for s in sources:
             s.close()
-    manifest = _manifest(state, shards, cfg, vocab, string_cols)
+    manifest = assemble_manifest(state, shards, cfg, vocab, string_cols)
     mf.write_vocab(out / mf.VOCAB, vocab.pairs())
     mf.write_manifest(out, manifest)
     shutil.rmtree(out / ".build", ignore_errors=True)
@@ -415,7 +419,7 @@ def _write_shard(job: _Pass2, shard: int) -> None:
         else:  # e.g. barcodes: every shard repeating the whole list would cost more than the strings
             obs[col] = Categories(cats).decode(codes[:, i])
     record = {"n_cells": int(csr.shape[0]), "nnz": int(csr.nnz), "sha256": None,
-              "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items() if v} for c in _COUNTED}}
+              "counts": {c: {str(k): int(v) for k, v in obs[c].value_counts().items() if v} for c in COUNTED}}
     if job.format != "soma":
         record["sha256"], record["dtypes"] = _write_zarr_shard(job.out, shard, csr, obs, job.var, job.codec,
                                                                job.x_dtype)
@@ -454,49 +458,6 @@ def _write_zarr_shard(out: Path, shard: int, csr: Any, obs: pd.DataFrame, var: p
     os.replace(tmp, final)
     fsync_dir(final.parent)
     return mf.shard_sha256(final), dtypes
-
-
-def _manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: BuildConfig, vocab: Vocab,
-              string_cols: list[str]) -> dict[str, Any]:
-    cats = state["categories"]
-    counts = _column_counts(shards)
-    split = parse_holdout(cfg.holdout, cfg.seed)
-    n_cells, nnz = state["n_cells"], int(sum(s["nnz"] for s in shards))
-    return {
-        "format_version": mf.FORMAT_VERSION,
-        "tool": mf.TOOL,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "n_cells": n_cells, "n_genes": len(vocab), "nnz": nnz,
-        "vocab": {"path": mf.VOCAB, "sha256": mf.vocab_sha256(vocab.gene_ids)},
-        "obs_columns": ["cell_id"] + string_cols,
-        "obs_categories": {c: list(cats[c]) for c in string_cols if len(cats[c]) <= CATEGORICAL_MAX},
-        "zarr": None if cfg.format == "soma" else {"shards": [
-            {"path": f"zarr/shard-{i:05d}.zarr", "n_cells": s["n_cells"], "nnz": s["nnz"],
-             "sha256": s["sha256"]}
-            for i, s in enumerate(shards)], "codec": cfg.codec, "chunk_nnz": zarr_store.CHUNK_NNZ,
-            # the widest stored dtype over the shards: what the loader hands out for every batch
-            "dtypes": {k: str(np.result_type(*[s["dtypes"][k] for s in shards])) for k in ("indices", "data")}},
-        "soma": None if cfg.format == "zarr" else {"path": "soma", "n_cells": n_cells, "nnz": nnz},
-        "splits": {} if split is None else {"holdout": {
-            "by": split.column, **({"fraction": split.fraction} if split.fraction is not None else {}),
-            "values": list(split.values) if split.fraction is None else state["holdout_values"],
-            "n_cells": counts["split"].get("holdout", 0)}},
-        "labels": counts["cell_type"],
-        "datasets": counts["dataset_id"],
-        "sources": state["sources"],
-        "build": {"seed": cfg.seed, "cells_per_shard": cfg.cells_per_shard, "min_genes": cfg.min_genes,
-                  "codec": cfg.codec, "x_dtype": cfg.x_dtype,
-                  "categories_seen": {c: len(v) for c, v in cats.items()}},
-    }
-
-
-def _column_counts(shards: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    # tallied per shard in its done record (so a resumed build still has them), summed here
-    totals: dict[str, Counter] = {c: Counter() for c in _COUNTED}
-    for s in shards:
-        for col, counter in totals.items():
-            counter.update(s["counts"][col])
-    return {c: dict(sorted(v.items())) for c, v in totals.items()}
 
 
 def _no_bar(cfg: BuildConfig) -> bool | None:

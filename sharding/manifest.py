@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from scpretrain.scmodels.atomic import write_atomic  # noqa: F401 - the corpus's files are written with it
 from scpretrain.scmodels.genes import vocab_sha256  # noqa: F401 - the one vocabulary hash

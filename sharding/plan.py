@@ -86,7 +86,7 @@ class StreamState:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StreamState":
+    def from_dict(cls, d: dict) -> StreamState:
         return cls(
             seed=int(d["seed"]), epoch=int(d["epoch"]), prefix=np.asarray(d["prefix"], dtype=np.int64),
             offset=int(d["offset"]), batches=int(d["batches"]), segment=int(d.get("segment", 0)),
@@ -121,7 +121,9 @@ def block_table(shard_sizes: list[int] | np.ndarray, block_size: int) -> BlockTa
         shards.append(np.full(len(st), s, dtype=np.int64))
         starts.append(st)
         stops.append(np.minimum(st + block_size, int(n)))
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
+    def cat(xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)
+
     return BlockTable(cat(shards), cat(starts), cat(stops))
 
 

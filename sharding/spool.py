@@ -14,8 +14,8 @@ low-cardinality metadata a corpus keeps (dataset, cell type, donor, assay).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

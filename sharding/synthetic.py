@@ -52,7 +52,7 @@ class SyntheticParams:
     density: float = 0.05
 
     @classmethod
-    def parse(cls, spec: str) -> "SyntheticParams":
+    def parse(cls, spec: str) -> SyntheticParams:
         """``synthetic://cells=50000,genes=2000,types=12,datasets=4,seed=0,density=0.05``, keys optional."""
         body = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
         types = {f.name: f.type for f in fields(cls)}

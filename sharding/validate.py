@@ -7,8 +7,8 @@ failing, so the message gives the true number of bad values, not "at least one".
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,7 @@ class ValueFaults:
         self.negative += int(np.count_nonzero(values < 0))
         self.non_integer += int(np.count_nonzero(values != np.round(values)))
 
-    def merge(self, other: "ValueFaults") -> None:
+    def merge(self, other: ValueFaults) -> None:
         self.nan += other.nan
         self.inf += other.inf
         self.negative += other.negative

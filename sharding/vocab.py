@@ -9,8 +9,8 @@ pairing used and the coverage are always reported.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,7 +48,7 @@ class Vocab:
             self._index(j, gid, sym)
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> "Vocab":
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> Vocab:
         pairs = list(pairs)
         return cls([g for g, _ in pairs], [s for _, s in pairs])
 

@@ -54,12 +54,11 @@ def resolve_checkpoint(path: Path) -> tuple[Path, str]:
 def cmd_export(args: argparse.Namespace) -> int:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from scpretrain.scmodels.atomic import check_replaceable
     from scpretrain.scmodels.preprocess import PreprocessSpec
     from scpretrain.sharding.manifest import read_vocab
-    from scpretrain.train.export import write_export
-
-    from scpretrain.scmodels.atomic import check_replaceable
     from scpretrain.train.checkpoint import verify
+    from scpretrain.train.export import write_export
 
     try:
         check_replaceable(Path(args.out), "config.json", "export")

@@ -28,7 +28,6 @@ from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, vocab_sha256
 from scpretrain.scmodels.preprocess import PreprocessSpec
 
 
-
 def export_module(model: torch.nn.Module) -> torch.nn.Module:
     """The part of a training module an export holds: the MAE inside a contrastive wrapper
     (its projector, predictor and EMA target are training-only), else the module itself."""
@@ -62,10 +61,10 @@ def write_export(
     family: str,
     hparams: dict,
     preprocessing: PreprocessSpec,
-    vocab: "list[tuple[str, str]]",
+    vocab: list[tuple[str, str]],
     provenance: dict | None = None,
     notes: str = "",
-    also: "Callable[[Path], None] | None" = None,
+    also: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write an export atomically. ``vocab`` is [(gene_id, symbol), ...] in model column order; ``notes`` are
     appended to README.md; ``also(folder)`` adds files (e.g. a head) before the folder is swapped in."""
@@ -102,6 +101,6 @@ def write_export(
 
 
 def export_model(out_dir: str | Path, model: torch.nn.Module, preprocessing: PreprocessSpec,
-                 vocab: "list[tuple[str, str]]", provenance: dict | None = None) -> Path:
+                 vocab: list[tuple[str, str]], provenance: dict | None = None) -> Path:
     """Export an in-memory model (all weights present on this process)."""
     return write_export(out_dir, model.state_dict(), model.family, hparams_of(model), preprocessing, vocab, provenance)

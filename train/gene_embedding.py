@@ -88,7 +88,7 @@ def read_embedding_file(path: str | Path, genes_file: str | Path | None = None) 
     return names, np.asarray(rows, dtype=np.float32)
 
 
-def align_names(names: list[str], vocab: "list[tuple[str, str]]") -> tuple[np.ndarray, str]:
+def align_names(names: list[str], vocab: list[tuple[str, str]]) -> tuple[np.ndarray, str]:
     """For each vocabulary column, the row of ``names`` naming it (-1 if none), matching by gene id
     (versions stripped) or symbol, whichever matches more. The first occurrence of a name wins."""
     best: tuple[int, str, np.ndarray] | None = None
@@ -104,7 +104,7 @@ def align_names(names: list[str], vocab: "list[tuple[str, str]]") -> tuple[np.nd
     return best[2], best[1]
 
 
-def load_gene_embedding(path: str | Path, vocab: "list[tuple[str, str]] | str | Path", *,
+def load_gene_embedding(path: str | Path, vocab: list[tuple[str, str]] | str | Path, *,
                         genes_file: str | Path | None = None, seed: int = 0) -> GeneEmbedding:
     """Read ``path`` and align it to ``vocab`` ([(gene_id, symbol)] or a corpus directory / vocab.tsv).
 
@@ -144,7 +144,7 @@ def fit_width(weights: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
     return weights @ proj
 
 
-def gene_embedding_for(model_cfg: Any, params: dict, vocab: "list[tuple[str, str]] | str | Path", seed: int,
+def gene_embedding_for(model_cfg: Any, params: dict, vocab: list[tuple[str, str]] | str | Path, seed: int,
                        verbose: bool = True) -> torch.Tensor:
     """The [n_genes, width] matrix a Performer built from ``params`` should load (``ModelConfig``
     fields ``gene_embedding``, ``gene_embedding_genes``, ``gene_embedding_projection``).

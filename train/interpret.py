@@ -12,7 +12,7 @@ logit of the cell's class) to explain something else. Model weights receive no g
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -12,9 +12,10 @@ called after every ``engine.step()``: it moves the BYOL target and is a no-op ot
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class Programmes:
     def __len__(self) -> int:
         return len(self.names)
 
-    def to(self, device: torch.device | str) -> "Programmes":
+    def to(self, device: torch.device | str) -> Programmes:
         return Programmes(self.names, self.genes.to(device), self.owner.to(device), self.n_genes)
 
     def columns(self, chosen: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def read_gmt(path: str | Path) -> list[tuple[str, list[str]]]:
     return sets
 
 
-def load_programmes(path: str | Path, vocab: "list[tuple[str, str]]") -> Programmes:
+def load_programmes(path: str | Path, vocab: list[tuple[str, str]]) -> Programmes:
     """Map a GMT file's gene names to vocabulary columns (by id or symbol, whichever matches more);
     programmes with no gene in the vocabulary are dropped."""
     from scpretrain.train.gene_embedding import align_names

@@ -73,7 +73,7 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
     params = resolve_model_params(cfg.model)
     start = None
     if cfg.model.init_from:
-        from scpretrain.train.published import init_params
+        from scpretrain.train.init_from import init_params
 
         params, start = init_params(cfg.model.init_from, cfg.model.family, params, cfg.model.params)
     params["n_genes"] = n_genes
@@ -90,7 +90,7 @@ def build_model_for(cfg: RunConfig, n_genes: int, vocab: list[tuple[str, str]] |
         model.load_gene_embedding(emb)
     report = None
     if start is not None:
-        from scpretrain.train.published import init_from_export
+        from scpretrain.train.init_from import init_from_export
 
         report = init_from_export(model, start, vocab if vocab is not None else read_vocab(Path(cfg.data.corpus)))
         if int(os.environ.get("RANK", "0")) == 0:
@@ -177,6 +177,8 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
     return grab()
 
 
+# long: the training loop reads top to bottom in the order of a step (batch, forward, backward, log, agree on
+# signals, save); cut into helpers it would pass a dozen loop variables back and forth.
 def pretrain(cfg: RunConfig) -> dict:
     keep_mlflow_out(cfg)
     rank, world, device = build_distributed()

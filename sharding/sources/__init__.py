@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 
@@ -58,8 +58,9 @@ class SyntheticSource(Source):
 
 
 def open_sources(specs: list[str], *, matrix: str | None, vocab: Vocab | None,
-                 census: CensusOptions = CensusOptions()) -> list[Source]:
+                 census: CensusOptions | None = None) -> list[Source]:
     """Expand specs (globs -> one source per file) and open each; nothing is read beyond metadata."""
+    census = census if census is not None else CensusOptions()
     sources: list[Source] = []
     try:
         for spec in specs:

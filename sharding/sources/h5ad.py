@@ -7,8 +7,9 @@ block by block and only the obs columns the build needs are read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np

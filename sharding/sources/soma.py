@@ -11,9 +11,10 @@ measurement ``RNA``, X layer ``raw``, var ``feature_id``/``feature_name``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import anndata
 import numpy as np
+import performer_pytorch.performer_pytorch as pp
 import pytest
 import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import performer_pytorch.performer_pytorch as pp
 from scpretrain.evaluate import embed, load_export
 from scpretrain.evaluate.classifier import Classifier
 from scpretrain.scmodels.preprocess import PreprocessSpec, preprocess
@@ -356,8 +356,8 @@ def test_export_back_refuses_what_the_target_cannot_hold(tmp_path, capsys):
 
 def test_init_from_copies_shared_gene_rows_only(tmp_path):
     """model.init_from on a vocabulary that half overlaps (in-process; the torchrun + ZeRO-2 run is in tests/dist)."""
-    from scpretrain.train.published import init_from_export, init_params
     from scpretrain.scmodels.build import build_model
+    from scpretrain.train.init_from import init_from_export, init_params
 
     n = 40
     sd = {**mlp_state("encoder.", [n, 32, 16, 8], 10), **mlp_state("decoder.0.", [8, 16, 32, n], 11)}
