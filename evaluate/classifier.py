@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.heads import CONFIG_FILE as HEAD_CONFIG
 from scpretrain.evaluate.heads import Head, save_folder
 from scpretrain.scmodels import preprocess
+from scpretrain.scmodels.atomic import file_sha256
 
 MODES = ("frozen", "partial", "full")
 ENCODER_FILE = "encoder.safetensors"
@@ -183,7 +183,7 @@ class Classifier:
                 params = dict(self.encoder.named_parameters())
                 save_file({n: params[n].detach().to("cpu", torch.float32).contiguous() for n in self.tuned},
                           str(d / ENCODER_FILE), metadata={"mode": self.mode})
-                self.head.fine_tuning["encoder_sha256"] = _sha256(d / ENCODER_FILE)
+                self.head.fine_tuning["encoder_sha256"] = file_sha256(d / ENCODER_FILE)
             self.head.write_files(d)
 
         return save_folder(directory, HEAD_CONFIG, "head", write)  # one folder, swapped in whole
@@ -206,7 +206,7 @@ class Classifier:
             raise EvaluateError(f"{enc_path}: missing; head.json says the encoder was fine-tuned "
                                 f"({mode}), so its tensors must be saved beside the head: save it again")
         want = ft.get("encoder_sha256")
-        if want and _sha256(enc_path) != want:
+        if want and file_sha256(enc_path) != want:
             raise EvaluateError(f"{enc_path}: sha256 does not match head.json field "
                                 "'fine_tuning.encoder_sha256'; the file belongs to another save of this "
                                 "directory: save the head again")
@@ -232,14 +232,6 @@ class Classifier:
         what = {"frozen": "frozen encoder", "full": "fully fine-tuned encoder",
                 "partial": f"partly fine-tuned encoder ({len(self.tuned)} tensors)"}[self.mode]
         return f"{self.kind} head on the {what}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def as_classifier(obj: Any, export: Export) -> Classifier:

@@ -6,7 +6,6 @@ not produce without running arbitrary code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,8 @@ from torch import nn
 
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.scmodels import FAMILIES, PreprocessSpec, build_model, embedding_key, preprocess
-from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, vocab_sha256
+from scpretrain.scmodels.atomic import file_sha256
+from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, VOCAB_FILE, parse_vocab, vocab_sha256
 
 # Newest export layout this reader understands: the one train/export.py writes.
 SUPPORTED_FORMAT_VERSION = EXPORT_FORMAT_VERSION
@@ -138,16 +138,11 @@ def _read_spec(cfg: dict, cfg_path: Path) -> PreprocessSpec:
 
 
 def _read_vocab(path: Path, cfg: dict) -> list[tuple[str, str]]:
-    vocab_path = path / "vocab.tsv"
-    lines = vocab_path.read_text().splitlines()
-    if not lines or lines[0].split("\t")[:2] != ["gene_id", "symbol"]:
-        raise EvaluateError(f"{vocab_path}: the first line must be the header 'gene_id<TAB>symbol'")
-    vocab: list[tuple[str, str]] = []
-    for n, line in enumerate(lines[1:], start=2):
-        cols = line.split("\t")
-        if len(cols) < 2 or not cols[0]:
-            raise EvaluateError(f"{vocab_path}: line {n} is {line!r}; expected 'gene_id<TAB>symbol'")
-        vocab.append((cols[0], cols[1]))
+    vocab_path = path / VOCAB_FILE
+    try:
+        vocab = parse_vocab(vocab_path.read_text(encoding="utf-8"), str(vocab_path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EvaluateError(f"{e}; restore vocab.tsv from the original export") from None
     if len(vocab) != cfg["n_genes"]:
         raise EvaluateError(f"{vocab_path}: {len(vocab)} genes but config.json field 'n_genes' is "
                             f"{cfg['n_genes']}; the export is incomplete or mixed from two exports, "
@@ -160,14 +155,6 @@ def _read_vocab(path: Path, cfg: dict) -> list[tuple[str, str]]:
             "export: restore it from the original export (the model's input columns would otherwise be "
             "misread)")
     return vocab
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -242,4 +229,4 @@ def load_export(path: str | Path) -> Export:
     module.eval()
     module.requires_grad_(False)  # the encoder stays frozen downstream; heads train on its embeddings
     return Export(path=path, family=cfg["model_family"], module=module, vocab=vocab, preprocessing=spec,
-                  config=cfg, weights_sha256=_file_sha256(path / "model.safetensors"))
+                  config=cfg, weights_sha256=file_sha256(path / "model.safetensors"))

@@ -38,5 +38,38 @@ def vocab_sha256(gene_ids: Iterable[str]) -> str:
     return hashlib.sha256("\n".join(gene_ids).encode()).hexdigest()
 
 
+VOCAB_FILE = "vocab.tsv"  # a corpus's, a checkpoint's and an export's model columns, in order
+VOCAB_HEADER = "gene_id\tsymbol"
+
+
+def format_vocab(genes: Iterable[tuple[str, str]]) -> str:
+    """vocab.tsv text: the header, then one ``gene_id<TAB>symbol`` row per model column."""
+    return "\n".join([VOCAB_HEADER, *(f"{gid}\t{sym}" for gid, sym in genes)]) + "\n"
+
+
+def parse_vocab(text: str, where: str) -> list[tuple[str, str]]:
+    """[(gene_id, symbol)] from vocab.tsv text; ``ValueError`` naming ``where``, the line and the fix."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != VOCAB_HEADER:
+        raise ValueError(f"{where}: first line must be the header 'gene_id<TAB>symbol'; add it")
+    genes: list[tuple[str, str]] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[0]:
+            raise ValueError(f"{where}: line {lineno} is {line!r}; it must be 'gene_id<TAB>symbol'")
+        genes.append((fields[0], fields[1]))
+    if not genes:
+        raise ValueError(f"{where}: the vocabulary has no genes; list one gene per line after the header")
+    ids = [g for g, _ in genes]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dups = list(dict.fromkeys(g for g in ids if g in seen or seen.add(g)))[:5]
+        raise ValueError(f"{where}: gene_id has {len(ids) - len(set(ids))} duplicates (e.g. {', '.join(dups)}); "
+                         "each gene_id must appear once")
+    return genes
+
+
 # the name both callers used before
 strip_version = normalize_gene_id

@@ -17,24 +17,31 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from scpretrain.scmodels.atomic import write_atomic  # noqa: F401 - the corpus's files are written with it
-from scpretrain.scmodels.genes import vocab_sha256  # noqa: F401 - the one vocabulary hash
+from scpretrain.scmodels.atomic import (
+    file_sha256,  # noqa: F401  (re-exported: mf.file_sha256)
+    write_atomic,  # noqa: F401 - the corpus's files are written with it
+)
+from scpretrain.scmodels.genes import (  # noqa: F401
+    VOCAB_FILE,
+    VOCAB_HEADER,
+    format_vocab,
+    parse_vocab,
+    vocab_sha256,  # noqa: F401 - the one vocabulary hash
+)
 from scpretrain.sharding.errors import InputError
 
 FORMAT_VERSION = 1
 TOOL = "scpretrain 0.1.0"
 MANIFEST = "manifest.json"
 MANIFEST_TMP = ".manifest.json.tmp"
-VOCAB = "vocab.tsv"
-VOCAB_HEADER = "gene_id\tsymbol"
+VOCAB = VOCAB_FILE
 _HASH_BLOCK = 1 << 20
 
 
 
 def write_vocab(path: str | Path, genes: Iterable[tuple[str, str]]) -> None:
-    """Write vocab.tsv (header, then one ``gene_id<TAB>symbol`` row per model column)."""
-    lines = [VOCAB_HEADER] + [f"{gid}\t{sym}" for gid, sym in genes]
-    write_atomic(Path(path), ("\n".join(lines) + "\n").encode())
+    """Write vocab.tsv (``scmodels.genes.format_vocab``) atomically."""
+    write_atomic(Path(path), format_vocab(genes).encode())
 
 
 def read_vocab(corpus_dir_or_file: str | Path) -> list[tuple[str, str]]:
@@ -43,37 +50,13 @@ def read_vocab(corpus_dir_or_file: str | Path) -> list[tuple[str, str]]:
     if path.is_dir():
         path = path / VOCAB
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the vocabulary ({exc}); pass a vocab.tsv file") from None
-    if not lines or lines[0].strip() != VOCAB_HEADER:
-        raise InputError(f"{path}: first line must be the header 'gene_id<TAB>symbol'; add it")
-    genes: list[tuple[str, str]] = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2 or not fields[0]:
-            raise InputError(f"{path}: line {lineno} must be 'gene_id<TAB>symbol'; fix that line")
-        genes.append((fields[0], fields[1]))
-    if not genes:
-        raise InputError(f"{path}: the vocabulary has no genes; list one gene per line after the header")
-    ids = [g for g, _ in genes]
-    if len(set(ids)) != len(ids):
-        dups = _first_duplicates(ids)
-        n_dup = len(ids) - len(set(ids))
-        raise InputError(f"{path}: gene_id has {n_dup} duplicates (e.g. {', '.join(dups)}); "
-                         "each gene_id must appear once")
-    return genes
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, streamed so a large h5ad is not loaded."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+    try:
+        return parse_vocab(text, str(path))
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def shard_sha256(shard_dir: str | Path) -> str:

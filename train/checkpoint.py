@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from scpretrain.scmodels.atomic import fsync_tree, replace_dir, temp_sibling, write_atomic
+from scpretrain.scmodels.atomic import file_sha256, fsync_tree, replace_dir, temp_sibling, write_atomic
 from scpretrain.train import comm, faults
 
 MARKER = "COMMITTED"
@@ -56,19 +56,9 @@ def _atomic_write(path: Path, text: str) -> None:
     write_atomic(path, text.encode())  # temp file + fsync + rename + fsync of the directory
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_records(tag_dir: Path) -> dict[str, dict]:
     """{relative path: {size, sha256}} of every file of a checkpoint but its marker."""
-    return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
@@ -82,7 +72,7 @@ def verify(tag_dir: Path) -> str | None:
         p = tag_dir / rel
         if not p.is_file():
             return f"{p}: listed in its commit marker but missing"
-        if p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
+        if p.stat().st_size != want["size"] or file_sha256(p) != want["sha256"]:
             return f"{p}: differs from its commit marker (size or sha256); the checkpoint was changed after it was saved"
     return None
 
@@ -98,7 +88,7 @@ UNIVERSAL = "universal"
 
 
 def _source_id(tag_dir: Path) -> str:
-    return _sha256(tag_dir / MARKER)
+    return file_sha256(tag_dir / MARKER)
 
 
 def to_universal(tag_dir: Path) -> Path:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from scpretrain.scmodels.atomic import check_replaceable, replace_dir, temp_sibling
 from scpretrain.scmodels.build import embedding_key, hparams_of
-from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, vocab_sha256
+from scpretrain.scmodels.genes import EXPORT_FORMAT_VERSION, VOCAB_FILE, format_vocab, vocab_sha256
 from scpretrain.scmodels.preprocess import PreprocessSpec
 
 
@@ -88,7 +88,7 @@ def write_export(
                for k, v in state_dict.items() if not _alias(k)}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"model_family": family})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    (tmp / "vocab.tsv").write_text("gene_id\tsymbol\n" + "".join(f"{g}\t{s}\n" for g, s in vocab))
+    (tmp / VOCAB_FILE).write_text(format_vocab(vocab))
     (tmp / "README.md").write_text(_model_card(cfg) + (f"\n{notes}" if notes else ""))
     if also is not None:
         try:

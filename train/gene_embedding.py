@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scpretrain.sharding.vocab import strip_version
+from scpretrain.scmodels.genes import normalize_gene_id as strip_version
+from scpretrain.scmodels.vectors import read_vectors
 
 
 @dataclass
@@ -44,48 +45,13 @@ class GeneEmbedding:
                 f"{n - self.matched:,} initialised at random{miss}")
 
 
-def _genes_file_for(path: Path, genes_file: str | Path | None) -> Path:
-    if genes_file is not None:
-        return Path(genes_file)
-    for cand in (path.with_suffix(".genes.txt"), Path(str(path) + ".genes.txt")):
-        if cand.exists():
-            return cand
-    raise ValueError(f"{path}: a .npy gene embedding needs its gene list; write {path.with_suffix('.genes.txt')} "
-                     "(one gene per line, in row order) or set model.gene_embedding_genes")
-
-
 def read_embedding_file(path: str | Path, genes_file: str | Path | None = None) -> tuple[list[str], np.ndarray]:
-    """Gene names and their vectors [n, width] (float32) from a word2vec text file or a .npy + gene list."""
+    """Gene names and their vectors [n, width] (float32): word2vec text, a TSV, JSON, or a .npy with its gene
+    list (``model.gene_embedding_genes``, default ``<stem>.genes.txt``), read by ``scmodels.vectors``."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: gene embedding file not found; fix model.gene_embedding")
-    if path.suffix == ".npy":
-        mat = np.load(path)
-        gpath = _genes_file_for(path, genes_file)
-        names = [ln.strip() for ln in gpath.read_text().splitlines() if ln.strip()]
-        if mat.ndim != 2 or mat.shape[0] != len(names):
-            raise ValueError(f"{path}: matrix shape {mat.shape} does not match {len(names)} genes in {gpath}; "
-                             "the gene list must have one line per matrix row")
-        return names, mat.astype(np.float32)
-    names, rows = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue  # word2vec header "<n> <dim>"
-            try:
-                rows.append([float(v) for v in parts[1:]])
-            except ValueError:
-                raise ValueError(f"{path}: line {lineno} is not 'GENE v1 v2 ...' (word2vec text)") from None
-            if len(rows[-1]) != len(rows[0]) or not rows[-1]:
-                raise ValueError(f"{path}: line {lineno} has {len(rows[-1])} values, the first row has "
-                                 f"{len(rows[0])}; every row needs the same width")
-            names.append(parts[0])
-    if not rows:
-        raise ValueError(f"{path}: no gene vectors found; expected word2vec text lines 'GENE v1 v2 ...'")
-    return names, np.asarray(rows, dtype=np.float32)
+    return read_vectors(path, genes_file)
 
 
 def align_names(names: list[str], vocab: list[tuple[str, str]]) -> tuple[np.ndarray, str]:

@@ -14,7 +14,6 @@ atomically (``train.export.write_export``), with what was kept and dropped in it
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from scpretrain.scmodels.atomic import file_sha256
 
 SOURCES = ("scbert", "ssl_in_scg")
 SCBERT_HIDDEN = (512, 128)  # scBERT's conv head: fc1 -> 512, fc2 -> 128 (evaluate.heads.ScBertNet)
@@ -336,14 +337,6 @@ def _import_ssl_classifier(sd: dict, path: Path, genes: list[tuple[str, str]], g
 
 
 # --- writing -----------------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def import_weights(source: str, checkpoint: str | Path, genes_path: str | Path, out: str | Path,
                    gene2vec: str | Path | None = None, labels: str | Path | None = None) -> Path:

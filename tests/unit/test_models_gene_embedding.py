@@ -65,7 +65,7 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"mouse\.txt: none of its 1 gene names"):
         load_gene_embedding(f, VOCAB)
     np.save(tmp_path / "lonely.npy", np.zeros((2, 2)))
-    with pytest.raises(ValueError, match=r"lonely\.npy: a \.npy gene embedding needs its gene list"):
+    with pytest.raises(ValueError, match=r"lonely\.npy: a \.npy table needs its row names"):
         load_gene_embedding(tmp_path / "lonely.npy", VOCAB)
     (tmp_path / "ragged.txt").write_text("A 1 2\nB 1\n")
     with pytest.raises(ValueError, match=r"ragged\.txt: line 2 has 1 values"):
