@@ -11,7 +11,6 @@ called after every ``engine.step()``: it moves the BYOL target and is a no-op ot
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +107,6 @@ def load_programmes(path: str | Path, vocab: list[tuple[str, str]]) -> Programme
     return Programmes(keep, torch.tensor(genes, dtype=torch.long), torch.tensor(owner, dtype=torch.long), len(vocab))
 
 
-@functools.lru_cache(maxsize=4)
-def _programmes_cached(gmt: str, corpus: str, device: str) -> Programmes:
-    from scpretrain.sharding.manifest import read_vocab
-
-    return load_programmes(gmt, read_vocab(corpus)).to(device)
-
-
 def programme_mask(progs: Programmes, gen: torch.Generator, rate: float) -> torch.Tensor:
     """bool [G], True = masked: ``int(P * rate)`` programmes (at least one) drawn without
     replacement, every gene of each masked; one mask for the whole batch (the reference's)."""
@@ -143,28 +135,35 @@ def masked_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
     return sq.sum() / (mask.numel() if reference_divisor else mask.sum().clamp_min(1))
 
 
+def random_mask(x: torch.Tensor, gen: torch.Generator, mask_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, mask): ``mask_prob`` of the entries masked, kept entries rescaled by 1/(1-p)."""
+    mask = torch.rand(x.shape, generator=gen, device=x.device) < mask_prob
+    return x.masked_fill(mask, 0.0) / (1.0 - mask_prob), mask
+
+
+def gene_mask(x: torch.Tensor, masked: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """The input with the genes where ``masked`` (bool [G]) zeroed in every cell; ``rescale`` multiplies kept
+    inputs by 1/(1 - masked share), as random masking does."""
+    inp = x.masked_fill(masked, 0.0)
+    return inp / (1.0 - masked.float().mean()).clamp_min(1e-3) if rescale else inp
+
+
 def mae_random_mask(model: Model, x: torch.Tensor, gen: torch.Generator, mask_prob: float,
                     reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
     """Random masking (p), kept inputs rescaled by 1/(1-p); MSE over masked entries.
 
     ``reference_divisor`` divides by all entries as the reference code did (not the paper).
     """
-    mask = torch.rand(x.shape, generator=gen, device=x.device) < mask_prob
-    inp = x.masked_fill(mask, 0.0) / (1.0 - mask_prob)
+    inp, mask = random_mask(x, gen, mask_prob)
     loss = masked_mse(model(inp), x, mask, reference_divisor)
     return loss, {"masked_frac": mask.float().mean().detach()}
 
 
 def mae_gene_mask(model: Model, x: torch.Tensor, masked: torch.Tensor, rescale: bool,
                   reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
-    """Mask the genes where ``masked`` (bool [G]) in every cell and reconstruct them. ``rescale``
-    multiplies kept inputs by 1/(1 - masked share), as random masking does."""
-    frac = masked.float().mean()
-    inp = x.masked_fill(masked, 0.0)
-    if rescale:
-        inp = inp / (1.0 - frac).clamp_min(1e-3)
-    loss = masked_mse(model(inp), x, masked, reference_divisor)
-    return loss, {"masked_frac": frac.detach()}
+    """Mask the genes where ``masked`` (bool [G]) in every cell and reconstruct them (``gene_mask``)."""
+    loss = masked_mse(model(gene_mask(x, masked, rescale)), x, masked, reference_divisor)
+    return loss, {"masked_frac": masked.float().mean().detach()}
 
 
 def mae_gene_programme(model: Model, x: torch.Tensor, gen: torch.Generator, progs: Programmes, rate: float,
@@ -295,35 +294,6 @@ def after_step(model: Model) -> None:
         module.update_target()
 
 
-# ---- dispatch ----------------------------------------------------------------------------------
-
-def programmes_for(cfg: Any, device: torch.device | str) -> Programmes:
-    if not cfg.objective.gmt:
-        raise ValueError(f"objective.gmt: objective.kind={cfg.objective.kind!r} needs a GMT file of gene programmes")
-    return _programmes_cached(str(cfg.objective.gmt), str(cfg.data.corpus), str(device))
-
-
-def objective_step(model: Model, cfg: Any, inputs: dict, gen: torch.Generator,
-                   programmes: Programmes | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss of ``cfg.objective.kind`` on one micro-batch, and scalar extras to log."""
-    o, x = cfg.objective, inputs["x"]
-    kind = resolve_kind(cfg.model.family, o.kind)
-    p = mask_prob_for(kind, o.mask_prob)
-    if kind == "masked_bins":
-        return performer_masked_bins(model, x, inputs["expressed"], gen, p, o.keep_prob)
-    if kind == "random_mask":
-        return mae_random_mask(model, x, gen, p, o.reference_loss_divisor)
-    if kind in ("gene_programme", "isolated"):
-        progs = programmes if programmes is not None else programmes_for(cfg, x.device)
-        if kind == "isolated":
-            return mae_isolated(model, x, gen, progs, o.reference_loss_divisor)
-        return mae_gene_programme(model, x, gen, progs, o.programme_mask_rate, o.reference_loss_divisor)
-    if getattr(getattr(model, "module", model), "head_cfg", None) is None:
-        raise ValueError(f"objective.kind={kind!r} needs the contrastive model build_model_for makes "
-                         "(scmodels.contrastive.ContrastiveMAE)")
-    return contrastive_step(model, kind, x, inputs.get("library_size"), gen, p, o.nb_dispersion, o.lambda_barlow)
-
-
 # ---- held-out metrics (pure functions) ---------------------------------------------------------
 
 def masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -349,58 +319,165 @@ def uniformity(f: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.log(torch.exp(-t * d2).mean())
 
 
-@torch.no_grad()
-def evaluate_batch(model: Model, cfg: Any, inputs: dict, gen: torch.Generator,
-                   programmes: Programmes | None = None) -> dict[str, float]:
-    """Held-out metrics of the run's objective on one batch, in eval mode (dropout off; the
-    Performer's redraw counter does not move), restoring the previous mode.
+# ---- objectives by name: the training loss and the held-out metrics of each kind together -------------------
 
-    masked_bins: ``loss``, ``masked_acc``. MAE masking kinds: ``loss`` (= masked-entry MSE),
-    ``masked_mse``, ``masked_pearson`` over the masked entries. byol/barlow: ``loss``,
-    ``alignment`` and ``uniformity`` of the encoder's embeddings of two views (at most 2048 cells).
-    Pass a fixed generator so numbers are comparable across steps.
-    """
-    o, x = cfg.objective, inputs["x"]
-    kind = resolve_kind(cfg.model.family, o.kind)
-    p = mask_prob_for(kind, o.mask_prob)
-    was_training = model.training
-    model.eval()
-    try:
-        if kind == "masked_bins":
-            G = inputs["expressed"].shape[1]
-            inp, chosen = _bins_mask(x, inputs["expressed"], gen, p, o.keep_prob)
-            logits = model(inp)[:, :G][chosen]
-            target = x[:, :G][chosen]
-            if target.numel() == 0:
-                return {"loss": float("nan"), "masked_acc": float("nan")}
-            return {"loss": float(F.cross_entropy(logits.float(), target)), "masked_acc": float(masked_accuracy(logits, target))}
-        if kind in CONTRASTIVE:
-            x = x[:2048]
-            lib = inputs.get("library_size")
-            lib = lib[:2048] if lib is not None else None
-            v1, v2 = augment(x, lib, gen, p, o.nb_dispersion), augment(x, lib, gen, p, o.nb_dispersion)
-            out = model(v1, v2)
-            loss = byol_loss(out) if kind == "byol" else barlow_loss(out["z1"], out["z2"], o.lambda_barlow)
-            enc = getattr(model, "module", model).encode
-            e1, e2 = enc(v1), enc(v2)
-            return {"loss": float(loss), "alignment": float(alignment(e1, e2)), "uniformity": float(uniformity(e1))}
-        if kind == "random_mask":
-            mask = torch.rand(x.shape, generator=gen, device=x.device) < p
-            inp = x.masked_fill(mask, 0.0) / (1.0 - p)
-        else:
-            progs = programmes if programmes is not None else programmes_for(cfg, x.device)
-            if kind == "gene_programme":
-                mask = programme_mask(progs, gen, o.programme_mask_rate)
-                inp = x.masked_fill(mask, 0.0) / (1.0 - mask.float().mean()).clamp_min(1e-3)
-            else:
-                mask = ~isolated_keep(progs, gen)[0]
-                inp = x.masked_fill(mask, 0.0)
-            mask = mask.expand_as(x)
+class Objective:
+    """One pretraining objective: ``loss`` on a training micro-batch and ``metrics`` on a held-out one (eval
+    mode, no gradients; the same masking). Inputs come from ``data_loader.model_inputs``."""
+
+    name = ""
+
+    def loss(self, model: Model, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def metrics(self, model: Model, inputs: dict, gen: torch.Generator) -> dict[str, float]:
+        raise NotImplementedError
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(*names: str) -> Callable[[type[Objective]], type[Objective]]:
+    def add(cls: type[Objective]) -> type[Objective]:
+        for n in names:
+            OBJECTIVES[n] = cls
+        return cls
+    return add
+
+
+@register("masked_bins")
+@dataclass
+class MaskedBins(Objective):
+    """scBERT: ``mask_prob`` of the expressed genes chosen, ``keep_prob`` of those left unchanged, the rest
+    [MASK]; cross-entropy and accuracy over the chosen positions."""
+
+    mask_prob: float
+    keep_prob: float
+    name: str = "masked_bins"
+
+    def loss(self, model: Model, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        return performer_masked_bins(model, inputs["x"], inputs["expressed"], gen, self.mask_prob, self.keep_prob)
+
+    def metrics(self, model: Model, inputs: dict, gen: torch.Generator) -> dict[str, float]:
+        x, expressed = inputs["x"], inputs["expressed"]
+        inp, chosen = _bins_mask(x, expressed, gen, self.mask_prob, self.keep_prob)
+        G = expressed.shape[1]
+        logits, target = model(inp)[:, :G][chosen], x[:, :G][chosen]
+        if target.numel() == 0:
+            return {"loss": float("nan"), "masked_acc": float("nan")}
+        return {"loss": float(F.cross_entropy(logits.float(), target)), "masked_acc": float(masked_accuracy(logits, target))}
+
+
+@register("random_mask", "gene_programme", "isolated")
+@dataclass
+class MaskedReconstruction(Objective):
+    """The MAE: mask entries (random_mask), whole gene programmes (gene_programme) or all but one programme
+    (isolated) and reconstruct them; MSE over the masked entries (and Pearson r held out)."""
+
+    name: str
+    mask_prob: float = 0.5
+    programmes: Programmes | None = None
+    programme_rate: float = 0.25
+    reference_divisor: bool = False
+
+    def mask(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, mask), the mask [B, G] or [G] (True = masked), drawn from ``gen``."""
+        if self.name == "random_mask":
+            return random_mask(x, gen, self.mask_prob)
+        progs = self.programmes.to(x.device) if self.programmes is not None else None
+        if progs is None:
+            raise ValueError(f"objective.gmt: objective.kind={self.name!r} needs a GMT file of gene programmes")
+        if self.name == "gene_programme":
+            masked = programme_mask(progs, gen, self.programme_rate)
+            return gene_mask(x, masked, True), masked
+        # isolated: no rescale, the input is one programme, not a thinned cell (1/(1 - share) would be ~100x)
+        masked = ~isolated_keep(progs, gen)[0]
+        return gene_mask(x, masked, False), masked
+
+    def loss(self, model: Model, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        x = inputs["x"]
+        inp, mask = self.mask(x, gen)
+        return masked_mse(model(inp), x, mask, self.reference_divisor), {"masked_frac": mask.float().mean().detach()}
+
+    def metrics(self, model: Model, inputs: dict, gen: torch.Generator) -> dict[str, float]:
+        x = inputs["x"]
+        inp, mask = self.mask(x, gen)
+        mask = mask.expand_as(x)
         recon = model(inp)
         mse = float(masked_mse(recon, x, mask))
         return {"loss": mse, "masked_mse": mse, "masked_pearson": float(pearson_r(recon[mask], x[mask]))}
+
+
+@register("byol", "barlow")
+@dataclass
+class Contrastive(Objective):
+    """Two augmented views (NB noise + masking) through a ``ContrastiveMAE``: BYOL or Barlow twins; held out,
+    the loss and the alignment / uniformity of the encoder's embeddings (at most 2,048 cells)."""
+
+    name: str
+    mask_prob: float = 0.2
+    nb_dispersion: float = 10.0
+    lambda_barlow: float = 0.0051
+
+    def loss(self, model: Model, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if getattr(getattr(model, "module", model), "head_cfg", None) is None:
+            raise ValueError(f"objective.kind={self.name!r} needs the contrastive model build_model_for makes "
+                             "(train.contrastive.ContrastiveMAE)")
+        return contrastive_step(model, self.name, inputs["x"], inputs.get("library_size"), gen, self.mask_prob,
+                                self.nb_dispersion, self.lambda_barlow)
+
+    def metrics(self, model: Model, inputs: dict, gen: torch.Generator) -> dict[str, float]:
+        x, lib = inputs["x"][:2048], inputs.get("library_size")
+        lib = lib[:2048] if lib is not None else None
+        v1 = augment(x, lib, gen, self.mask_prob, self.nb_dispersion)
+        v2 = augment(x, lib, gen, self.mask_prob, self.nb_dispersion)
+        out = model(v1, v2)
+        loss = byol_loss(out) if self.name == "byol" else barlow_loss(out["z1"], out["z2"], self.lambda_barlow)
+        enc = getattr(model, "module", model).encode
+        e1, e2 = enc(v1), enc(v2)
+        return {"loss": float(loss), "alignment": float(alignment(e1, e2)), "uniformity": float(uniformity(e1))}
+
+
+def build_objective(family: str, o: Any, programmes: Programmes | None = None,
+                    vocab: list[tuple[str, str]] | None = None) -> Objective:
+    """The objective ``o`` (an ``ObjectiveConfig``) names for ``family``; gene programmes from ``programmes`` or
+    read once here from ``o.gmt`` against ``vocab`` (the corpus's vocab.tsv)."""
+    kind = resolve_kind(family, o.kind)
+    p = mask_prob_for(kind, o.mask_prob)
+    if kind == "masked_bins":
+        return MaskedBins(p, o.keep_prob)
+    if kind in CONTRASTIVE:
+        return Contrastive(kind, p, o.nb_dispersion, o.lambda_barlow)
+    if programmes is None and kind != "random_mask" and o.gmt and vocab is not None:
+        programmes = load_programmes(o.gmt, vocab)
+    return MaskedReconstruction(kind, p, programmes, o.programme_mask_rate, o.reference_loss_divisor)
+
+
+def objective_step(model: Model, cfg: Any, inputs: dict, gen: torch.Generator,
+                   programmes: Programmes | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of ``cfg.objective.kind`` on one micro-batch, and scalar extras to log (builds the objective
+    each call: the training loop builds it once with ``build_objective``)."""
+    return build_objective(cfg.model.family, cfg.objective, programmes).loss(model, inputs, gen)
+
+
+@torch.no_grad()
+def held_out_metrics(objective: Objective, model: Model, inputs: dict, gen: torch.Generator) -> dict[str, float]:
+    """``objective.metrics`` in eval mode (dropout off; the Performer's redraw counter does not move), the
+    previous mode restored. Pass a fixed generator so numbers are comparable across steps."""
+    was_training = model.training
+    model.eval()
+    try:
+        return objective.metrics(model, inputs, gen)
     finally:
         model.train(was_training)
+
+
+def evaluate_batch(model: Model, cfg: Any, inputs: dict, gen: torch.Generator,
+                   programmes: Programmes | None = None) -> dict[str, float]:
+    """Held-out metrics of the run's objective on one batch. masked_bins: ``loss``, ``masked_acc``. MAE
+    masking kinds: ``loss`` (= masked-entry MSE), ``masked_mse``, ``masked_pearson``. byol/barlow: ``loss``,
+    ``alignment``, ``uniformity``."""
+    return held_out_metrics(build_objective(cfg.model.family, cfg.objective, programmes), model, inputs, gen)
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:

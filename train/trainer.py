@@ -154,10 +154,11 @@ class Batches:
         return b
 
 
-def train_step(engine: Any, cfg: RunConfig, inputs: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Loss of ``cfg.objective.kind`` on one micro-batch (see ``train.objectives``). After
-    ``engine.step()`` call ``objectives.after_step(engine)`` (moves the BYOL target)."""
-    return objectives.objective_step(engine, cfg, inputs, gen)
+def train_step(engine: Any, objective: objectives.Objective, inputs: dict,
+               gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """The run's objective (``objectives.build_objective``) on one micro-batch. After ``engine.step()`` call
+    ``objectives.after_step(engine)`` (moves the BYOL target)."""
+    return objective.loss(engine, inputs, gen)
 
 
 def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -230,6 +231,7 @@ def pretrain(cfg: RunConfig) -> dict:
                    "corpus": str(corpus.resolve()), "corpus_manifest_sha256": _manifest_hash(corpus),
                    "init_from": init_report}
     batches = Batches(loader)
+    objective = objectives.build_objective(cfg.model.family, cfg.objective, vocab=vocab)  # gene programmes read once
     eval_loader = build_eval(cfg, corpus, rank, world, manifest)
     bar = _progress(cfg, rank, step)
     last_loss = float("nan")
@@ -247,7 +249,7 @@ def pretrain(cfg: RunConfig) -> dict:
             inputs = model_inputs(batch, len(vocab), spec, device)
             torch.manual_seed(cfg.seed * 100_003 + rank * 7_919 + step)  # dropout: a function of the step
             gen = objectives.step_generator(cfg.seed, rank, step * cfg.engine.grad_accum + micro, device)
-            loss, extra = train_step(fwd, cfg, inputs, gen)
+            loss, extra = train_step(fwd, objective, inputs, gen)
             if trace is not None:
                 trace.add(step + 1, batch)
             engine.backward(loss)
@@ -296,7 +298,7 @@ def pretrain(cfg: RunConfig) -> dict:
                        "and rerun the same command"))
         if eval_loader is not None and ((cfg.tracking.eval_every and step % cfg.tracking.eval_every == 0)
                                         or step == cfg.max_steps):
-            tracker.log(step, evaluate_heldout(fwd, cfg, eval_loader, len(vocab), spec, device))
+            tracker.log(step, evaluate_heldout(fwd, objective, cfg, eval_loader, len(vocab), spec, device))
     if bar is not None:
         bar.close()
     if preempted is not None:
@@ -349,8 +351,8 @@ def build_eval(cfg: RunConfig, corpus: Path, rank: int, world: int, manifest: di
                            read_ahead=0, soma_filter=d.soma_filter, split="holdout")
 
 
-def evaluate_heldout(engine: Any, cfg: RunConfig, loader: StreamingLoader, n_genes: int, spec: PreprocessSpec,
-                     device: torch.device) -> dict:
+def evaluate_heldout(engine: Any, objective: objectives.Objective, cfg: RunConfig, loader: StreamingLoader,
+                     n_genes: int, spec: PreprocessSpec, device: torch.device) -> dict:
     """Mean held-out metrics over the first ``eval_batches`` batches of a fixed epoch (same cells
     every time, same count on every rank), averaged across ranks. Prefixed ``eval_``."""
     loader.set_epoch(0)
@@ -361,7 +363,7 @@ def evaluate_heldout(engine: Any, cfg: RunConfig, loader: StreamingLoader, n_gen
             break
         inputs = model_inputs(batch, n_genes, spec, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_007 * n)
-        for k, v in objectives.evaluate_batch(engine, cfg, inputs, gen).items():
+        for k, v in objectives.held_out_metrics(objective, engine, inputs, gen).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
     keys = sorted(sums)

@@ -262,7 +262,10 @@ def test_train_step_reads_gmt_against_corpus_vocab(tmp_path):
     gmt.write_text("".join(f"P{i}\td\t" + "\t".join(f"G{g}" for g in p) + "\n" for i, p in enumerate(PROGS)))
     cfg = cfg_for("gene_programme", extra=[f"objective.gmt={gmt}", f"data.corpus={tmp_path}"])
     model = build_model_for(cfg, G)
-    loss, extra = train_step(model, cfg, log1p_inputs(), objectives.step_generator(0, 0, 1, torch.device("cpu")))
+    from scpretrain.sharding.manifest import read_vocab
+
+    objective = objectives.build_objective("mae", cfg.objective, vocab=read_vocab(tmp_path))
+    loss, extra = train_step(model, objective, log1p_inputs(), objectives.step_generator(0, 0, 1, torch.device("cpu")))
     assert loss.item() > 0 and 0 < extra["masked_frac"] < 1
 
 
@@ -358,7 +361,8 @@ def _ema_under_engine(deepspeed, zero_stage):
     d = log1p_inputs(8)
     applied, moved = [], []
     for micro in range(6):
-        loss, _ = train_step(engine, cfg, d, objectives.step_generator(0, 0, micro, torch.device("cpu")))
+        loss, _ = train_step(engine, objectives.build_objective("mae", cfg.objective), d,
+                             objectives.step_generator(0, 0, micro, torch.device("cpu")))
         engine.backward(loss)
         engine.step()
         before = snap()
