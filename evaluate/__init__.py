@@ -12,24 +12,25 @@ AnnData you have read yourself.
     evaluate.embed(model, adata)                        # adata.obsm["X_mae"]
     evaluate.annotate(model, adata, reference=ref, label_key="cell_type")
     # adata.obs["predicted_cell_type"], adata.obs["predicted_cell_type_probability"]
-    clf = evaluate.finetune(model, ref, "cell_type", mode="partial", save_to="heads/v1")
+    clf = evaluate.finetune(model, ref, "cell_type", mode="partial", save_to="heads/v1",
+                            fit=evaluate.FitOptions(max_epochs=20, loss="gaussian_inflation"))
     evaluate.annotate(model, adata, head="heads/v1")    # the saved head, no reference needed
+    evaluate.report(model, ref, "cell_type", out_dir="report/")  # held-out scores beside the baselines
 
-Methods from the field (issue 8): ``finetune(..., loss="gaussian_inflation", hard_mining=True)``
-for rare cell types (``evaluate.longtail``); ``genept_embed`` / ``genept_annotate``, the GenePT-w
-baseline from a per-gene embedding file (``evaluate.genept``); ``langcell_annotate``, zero-shot
-labels from label-text embeddings (``evaluate.langcell``).
+Five functions and one options type; the rest lives in the submodules (``evaluate.classifier``,
+``evaluate.heads``, ...).
+
+Methods from the field (issue 8): ``FitOptions(loss="gaussian_inflation", hard_mining=True)``
+for rare cell types (``evaluate.longtail``); ``evaluate.genept.genept_embed`` / ``genept_annotate``,
+the GenePT-w baseline from a per-gene embedding file; ``evaluate.langcell.langcell_annotate``,
+zero-shot labels from label-text embeddings.
 """
 from scpretrain.evaluate.annotate import annotate
-from scpretrain.evaluate.classifier import Classifier
 from scpretrain.evaluate.embedding import embed
 from scpretrain.evaluate.errors import EvaluateError
-from scpretrain.evaluate.export_io import Export, load_export
+from scpretrain.evaluate.export_io import load_export
 from scpretrain.evaluate.finetune import finetune
-from scpretrain.evaluate.genept import genept_annotate, genept_embed
-from scpretrain.evaluate.heads import Head
-from scpretrain.evaluate.langcell import langcell_annotate
+from scpretrain.evaluate.options import FitOptions
 from scpretrain.evaluate.report import report
 
-__all__ = ["Classifier", "EvaluateError", "Export", "Head", "annotate", "embed", "finetune",
-           "genept_annotate", "genept_embed", "langcell_annotate", "load_export", "report"]
+__all__ = ["EvaluateError", "FitOptions", "annotate", "embed", "finetune", "load_export", "report"]

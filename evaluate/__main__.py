@@ -373,12 +373,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _training(args: argparse.Namespace) -> dict[str, Any]:
-    kw = {"head": args.head, "mode": args.mode, "unfreeze": args.unfreeze, "seed": args.seed,
-          "loss": args.loss, "inflation_sigma": args.inflation_sigma, "inflation_gamma": args.inflation_gamma,
-          "hard_mining": args.hard_mining, "hard_margin": args.hard_margin, "hard_weight": args.hard_weight}
-    if args.max_epochs is not None:
-        kw["max_epochs"] = args.max_epochs
-    return kw
+    """What is trained (head, mode, unfreeze, seed) and how (one ``FitOptions``)."""
+    from scpretrain.evaluate.options import FitOptions
+
+    fit = FitOptions(loss=args.loss, inflation_sigma=args.inflation_sigma, inflation_gamma=args.inflation_gamma,
+                     hard_mining=args.hard_mining, hard_margin=args.hard_margin, hard_weight=args.hard_weight,
+                     max_epochs=args.max_epochs)
+    return {"head": args.head, "mode": args.mode, "unfreeze": args.unfreeze, "seed": args.seed, "fit": fit}
 
 
 def _run_genept(args: argparse.Namespace, verbose: bool) -> None:

@@ -1,6 +1,7 @@
 """Annotate query cells: a fine-tuned classifier or kNN on the embeddings, with an "Unassigned" threshold."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from scpretrain.evaluate.embedding import as_export, embed_counts
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.metrics import UNASSIGNED  # noqa: F401 - re-exported: annotate's public label
+from scpretrain.evaluate.options import FitOptions
 
 KNN_RADIUS_QUANTILE = 0.99
 
@@ -179,14 +181,15 @@ def annotate(
     save_head: str | Path | None = None,
     plot_dir: str | Path | None = None,
     verbose: bool = True,
-    **fit_kwargs: Any,
+    fit: FitOptions | None = None,
+    **options: Any,
 ) -> Any:
     """Label the cells of ``adata`` from the labelled ``reference``; returns ``adata``.
 
     ``head``: "auto" / "linear" / "mlp" / "scbert" fine-tune a classifier on the reference
     (``mode`` "auto" (default: the candidates of ``AUTO_CANDIDATES`` are each fitted and
     the best macro F1 on held-out reference cells is kept), "frozen", "partial" or "full",
-    ``unfreeze``; ``fit_kwargs`` go to ``finetune.fit_classifier``, e.g.
+    ``unfreeze``; ``fit`` (``evaluate.FitOptions``, or its fields as keyword arguments) trains it, e.g.
     ``loss="gaussian_inflation", hard_mining=True`` for rare types; ``save_head`` keeps it);
     "knn" votes among the ``k`` nearest reference cells (cosine) without training; a
     Classifier, a Head or the directory of a saved head is used as is (then no reference
@@ -211,6 +214,8 @@ def annotate(
     from scpretrain.evaluate.baseline import LogRegBaseline
     from scpretrain.evaluate.classifier import as_classifier
     from scpretrain.evaluate.finetune import labels_of, stratified_split
+
+    fit = FitOptions.of("annotate", fit, options)  # a misspelt option stops here, before any work
 
     model = as_export(model)
     head = _resolve_head(head)
@@ -255,7 +260,7 @@ def annotate(
         else:
             clf, heldout, val_top = fit_best_mode(model, ref, labels, va, head, mode, unfreeze, classes_ref,
                                               seed=seed, device=device, batch_size=batch_size,
-                                              verbose=verbose, fit_kwargs=fit_kwargs)
+                                              verbose=verbose, fit=fit)
         if compare_baseline and len(va):
             base = _sklearn_guard("baseline", LogRegBaseline(seed=seed).fit, ref[tr], labels[tr])
             heldout["baseline"] = _heldout_scores(labels[va], base.predict(ref[va]), classes_ref)
@@ -310,7 +315,7 @@ def annotate(
 
 def fit_best_mode(model: Export, ref: Any, labels: np.ndarray, va: np.ndarray, head: str, mode: str,
               unfreeze: Any, classes: list[str], *, seed: int, device: str | None, batch_size: int,
-              verbose: bool, fit_kwargs: dict) -> tuple[Any, dict, np.ndarray]:
+              verbose: bool, fit: FitOptions) -> tuple[Any, dict, np.ndarray]:
     """Fit the classifier (each ``AUTO_CANDIDATES`` entry for mode "auto") on the reference; score each on the
     held-out cells ``va`` (the fit's own validation split: same labels, seed and fraction); keep the best.
 
@@ -324,7 +329,7 @@ def fit_best_mode(model: Export, ref: Any, labels: np.ndarray, va: np.ndarray, h
     best, scores = None, {}
     for m, h in cands:
         clf = fit_classifier(model, ref, labels, h, m, unfreeze, seed=seed, device=device, batch_size=batch_size,
-                             val_fraction=VAL_FRACTION, **fit_kwargs)
+                             fit=replace(fit, val_fraction=VAL_FRACTION))
         proba, _ = clf.predict(ref[va], batch_size=batch_size, device=device)
         pred = np.asarray(clf.classes)[proba.argmax(axis=1)] if len(va) else np.zeros(0, dtype=str)
         sc = _heldout_scores(labels[va], pred, classes)

@@ -32,6 +32,7 @@ from scpretrain.evaluate.longtail import (
     make_criterion,
     mine_hard,
 )
+from scpretrain.evaluate.options import FitOptions
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -197,19 +198,24 @@ def fit_head(
     export_info: dict | None = None,
     loss: str = "weighted_ce",
     hard_mining: bool = False,
-    **longtail_kw: Any,
+    inflation_sigma: float | None = None,
+    inflation_gamma: float = 0.0,
+    hard_margin: float = 0.2,
+    hard_weight: float = 4.0,
+    hard_lr_scale: float = 0.3,
 ) -> Head:
     """Train a ``kind`` ("linear" | "mlp") head on cell embeddings [n, d] with string labels [n].
 
     Stops when the validation loss has not improved for ``patience`` epochs and keeps the
     best epoch's weights. ``lr`` defaults to 1e-2 for the linear probe and 3e-3 for the MLP
     (inputs are standardized, so one default fits most encoders). Runs on the CPU: heads
-    are small. ``loss`` ("weighted_ce", "ce", "gaussian_inflation"), ``hard_mining`` and
-    ``longtail_kw`` (``inflation_sigma``, ``inflation_gamma``, ``hard_margin``,
-    ``hard_weight``, ``hard_lr_scale``): see ``evaluate.longtail``. With hard mining the
-    head's ``hard_cells`` are the mined rows of ``labels``.
+    are small. ``loss`` ("weighted_ce", "ce", "gaussian_inflation"), ``hard_mining``,
+    ``inflation_sigma``, ``inflation_gamma``, ``hard_margin``, ``hard_weight`` and ``hard_lr_scale``:
+    see ``evaluate.longtail``. With hard mining the head's ``hard_cells`` are the mined rows of ``labels``.
     """
-    longtail = LongTail(loss=loss, hard_mining=hard_mining, **longtail_kw)
+    longtail = LongTail(loss=loss, hard_mining=hard_mining, inflation_sigma=inflation_sigma,
+                        inflation_gamma=inflation_gamma, hard_margin=hard_margin, hard_weight=hard_weight,
+                        hard_lr_scale=hard_lr_scale)
     if kind not in ("linear", "mlp"):
         raise EvaluateError(f"head: {kind!r} on embeddings must be 'linear' or 'mlp' (the scbert head reads "
                             "per-gene representations: use fit_classifier)")
@@ -250,22 +256,11 @@ def fit_classifier(
     mode: str = "frozen",
     unfreeze: int | list[int] = 1,
     *,
-    hidden: int = 128,
-    dropout: float | None = None,
-    lr: float | None = None,
-    encoder_lr: float = 1e-4,
-    weight_decay: float = 1e-4,
-    train_batch_size: int | None = None,
-    max_epochs: int | None = None,
-    patience: int | None = None,
-    val_fraction: float = 0.15,
     seed: int = 0,
     device: str | torch.device | None = None,
     batch_size: int = 512,
-    cache_bytes: int = 2 << 30,
-    loss: str = "weighted_ce",
-    hard_mining: bool = False,
-    **longtail_kw: Any,
+    fit: FitOptions | None = None,
+    **options: Any,
 ) -> Classifier:
     """Fine-tune a classifier on aligned raw counts [n, n_genes] (``align_to_vocab``) with labels [n].
 
@@ -278,11 +273,15 @@ def fit_classifier(
     (300 / 50), stopping ``patience`` (20 / 5) epochs after the best validation loss.
     Frozen scbert features are computed once when they fit in ``cache_bytes``.
     ``batch_size`` is the inference batch. Same seed, same classifier (on one device).
-    ``loss`` ("weighted_ce" default, "ce", "gaussian_inflation"), ``hard_mining`` and
-    ``longtail_kw`` (``inflation_sigma``, ``inflation_gamma``, ``hard_margin``,
-    ``hard_weight``, ``hard_lr_scale``): the long-tail options of ``evaluate.longtail``.
+    ``loss`` ("weighted_ce" default, "ce", "gaussian_inflation"), ``hard_mining``, ``inflation_sigma``,
+    ``inflation_gamma``, ``hard_margin``, ``hard_weight``, ``hard_lr_scale``: the long-tail options of
+    ``evaluate.longtail``. All of these come as ``fit`` (``evaluate.FitOptions``) or as keyword arguments.
     """
-    longtail = LongTail(loss=loss, hard_mining=hard_mining, **longtail_kw)
+    fit = FitOptions.of("fit_classifier", fit, options)
+    longtail = fit.longtail()
+    hidden, dropout, lr, encoder_lr, weight_decay = fit.hidden, fit.dropout, fit.lr, fit.encoder_lr, fit.weight_decay
+    train_batch_size, max_epochs, patience = fit.train_batch_size, fit.max_epochs, fit.patience
+    val_fraction, cache_bytes = fit.val_fraction, fit.cache_bytes
     kind = resolve_kind(head, model.family)
     if kind not in HEAD_KINDS:
         raise EvaluateError(f"head: {head!r} is not one of {('auto', *HEAD_KINDS)}")
@@ -382,26 +381,28 @@ def finetune(
     verbose: bool = True,
     allow_normalized: bool = False,
     sum_duplicates: bool = False,
-    **fit_kwargs: Any,
+    fit: FitOptions | None = None,
+    **options: Any,
 ) -> Classifier:
     """Fine-tune a classifier on the labelled cells of ``reference``; returns it.
 
     ``head``: "auto" (scbert for a Performer export, linear for an MAE export), "linear",
     "mlp" or "scbert". ``mode``: "frozen" (only the head trains), "partial" (the last
-    ``unfreeze`` encoder blocks too, plus a Performer's final norm) or "full". Other
-    keyword arguments go to ``fit_classifier``, among them the long-tail options
+    ``unfreeze`` encoder blocks too, plus a Performer's final norm) or "full". ``fit``
+    (``evaluate.FitOptions``, or its fields as keyword arguments) trains it, e.g. the long-tail options
     ``loss="gaussian_inflation"`` and ``hard_mining=True`` (``evaluate.longtail``). With
     ``save_to`` the head (and the fine-tuned encoder tensors) are written there:
     head.safetensors + head.json (+ encoder.safetensors); reuse with
     ``annotate(..., head=save_to)``.
     """
+    fit = FitOptions.of("finetune", fit, options)  # a misspelt option stops here, before any work
     model = as_export(model)
     labels, rows = labels_of(reference, label_key)
     counts, _ = align_to_vocab(reference, model.vocab, min_coverage=min_coverage, layer=layer,
                                name="reference", verbose=verbose, allow_normalized=allow_normalized,
                                sum_duplicates=sum_duplicates)
     clf = fit_classifier(model, counts[rows], labels, head, mode, unfreeze, seed=seed, device=device,
-                         batch_size=batch_size, **fit_kwargs)
+                         batch_size=batch_size, fit=fit)
     if verbose:
         info = clf.head.training_info
         print(f"{clf.describe()}: {len(clf.classes)} classes, {info['n_train']} training / {info['n_val']} "

@@ -29,6 +29,7 @@ from scpretrain.evaluate.embedding import as_export, embed_counts
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.finetune import labels_of, stratified_split
+from scpretrain.evaluate.options import FitOptions
 
 
 # long: a linear script of the report's rows (head, kNN, expression baseline, majority class) and its plots.
@@ -53,7 +54,8 @@ def report(
     verbose: bool = True,
     allow_normalized: bool = False,
     sum_duplicates: bool = False,
-    **fit_kwargs: Any,
+    fit: FitOptions | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Score the export on a held-out ``test_size`` of ``adata``'s labelled cells; returns the numbers.
 
@@ -66,6 +68,7 @@ def report(
     """
     from scpretrain.evaluate.metrics import classification_metrics  # scikit-learn, only needed here
 
+    fit = FitOptions.of("report", fit, options)  # a misspelt option stops here, before any work
     model = as_export(model)
     labels, rows = labels_of(adata, label_key, name="adata")
     train, test = stratified_split(labels, test_size, seed)
@@ -82,7 +85,7 @@ def report(
     # the head's own validation cells (inside the training part) pick the mode: the test cells stay unseen
     _, va = stratified_split(y_tr, VAL_FRACTION, seed)
     clf, heldout, _ = fit_best_mode(model, counts[train], y_tr, va, head, mode, unfreeze, classes, seed=seed,
-                                device=device, batch_size=batch_size, verbose=verbose, fit_kwargs=fit_kwargs)
+                                device=device, batch_size=batch_size, verbose=verbose, fit=fit)
     head_proba, _ = clf.predict(counts[test], batch_size=batch_size, device=device)
     head_pred = np.asarray(clf.classes)[head_proba.argmax(axis=1)]
     knn_p, knn_classes = knn_proba(emb[train], y_tr, emb[test], k=k)

@@ -62,3 +62,19 @@ def test_vector_tables_read_the_same_in_train_and_evaluate(tmp_path):
         got_names, got = reader(path)
         assert got_names == names and np.array_equal(got, mat)
     assert torch.equal(torch.from_numpy(gene_embedding.read_embedding_file(path)[1]), torch.from_numpy(mat))
+
+
+def test_a_misspelt_training_option_is_refused_before_any_work():
+    import pytest
+
+    from scpretrain import evaluate
+
+    for fn, args in ((evaluate.finetune, (None, None, "cell_type")), (evaluate.annotate, (None, None)),
+                     (evaluate.report, (None, None, "cell_type"))):
+        with pytest.raises(evaluate.EvaluateError, match=r"unknown option\(s\) \['lerning_rate'\]; training options"):
+            fn(*args, lerning_rate=1e-3)  # model and cells are never looked at
+    fit = evaluate.FitOptions(max_epochs=3, loss="gaussian_inflation")
+    assert evaluate.FitOptions.of("x", fit, {"lr": 0.1}) == evaluate.FitOptions(max_epochs=3, loss="gaussian_inflation",
+                                                                               lr=0.1)
+    with pytest.raises(evaluate.EvaluateError, match="loss 'focal' is not one of"):
+        evaluate.FitOptions(loss="focal")
