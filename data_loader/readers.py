@@ -89,7 +89,7 @@ class BufferPool:
         self._bufs: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def get(self, n: int, dtype) -> np.ndarray:
+    def get(self, n: int, dtype: np.typing.DTypeLike) -> np.ndarray:
         dtype = np.dtype(dtype)
         with self._lock:
             best = -1
@@ -150,7 +150,7 @@ except ImportError:  # pragma: no cover
     _gather = None
 
 
-def scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, base, ra, rb):  # pragma: no cover
+def _scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, out_dat, base, ra, rb):  # pragma: no cover - numba target
     for j in range(ra, rb):
         m = src_len[j]
         s = src_off[j] - base
@@ -160,9 +160,9 @@ def scatter_rows_py(pos, src_off, src_len, out_ptr, idx_buf, dat_buf, out_idx, o
 
 
 if _gather is not None:
-    scatter_rows = numba.njit(cache=True, nogil=True)(scatter_rows_py)
+    scatter_rows = numba.njit(cache=True, nogil=True)(_scatter_rows_py)
 else:  # pragma: no cover
-    scatter_rows = scatter_rows_py
+    scatter_rows = _scatter_rows_py
 
 
 def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

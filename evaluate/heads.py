@@ -18,6 +18,7 @@ fine-tuned too, which encoder tensors were replaced (see ``evaluate.classifier``
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ SCBERT_HIDDEN = (512, 128)  # the reference head's two hidden widths
 
 
 
-def save_folder(directory: str | Path, marker: str, what: str, write) -> Path:
+def save_folder(directory: str | Path, marker: str, what: str, write: Callable[[Path], None]) -> Path:
     """``scmodels.atomic.write_folder`` with its refusals as one-line ``EvaluateError``s."""
     try:
         return write_folder(Path(directory), marker, what, write)

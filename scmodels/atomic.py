@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -77,7 +78,7 @@ def temp_sibling(out: Path) -> Path:
     return tmp
 
 
-def write_folder(out: Path, marker: str, what: str, write) -> Path:
+def write_folder(out: Path, marker: str, what: str, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` fills a temporary sibling folder, which then replaces ``out`` in one step
     (``out`` may hold only an earlier ``what``, recognised by its ``marker`` file)."""
     out = Path(out)

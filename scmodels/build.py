@@ -12,7 +12,7 @@ from scpretrain.scmodels.preprocess import PreprocessSpec
 FAMILIES = {"mae": (MAE, MAEConfig), "performer": (PerformerEncoder, PerformerConfig)}
 
 
-def model_config(family: str, hparams: dict):
+def model_config(family: str, hparams: dict) -> MAEConfig | PerformerConfig:
     if family not in FAMILIES:
         raise ValueError(f"model_family: {family!r} is not one of {sorted(FAMILIES)}")
     cfg_cls = FAMILIES[family][1]

@@ -32,7 +32,8 @@ def _favor(data: torch.Tensor, proj: torch.Tensor, is_query: bool, normalize_dat
 _fused = {"fn": None, "failed": False}
 
 
-def softmax_kernel_fp32(data, *, projection_matrix, is_query, normalize_data=True, eps=1e-4, device=None):
+def softmax_kernel_fp32(data: torch.Tensor, *, projection_matrix: torch.Tensor, is_query: bool,
+                        normalize_data: bool = True, eps: float = 1e-4, device: object = None) -> torch.Tensor:
     """Drop-in for performer-pytorch's ``softmax_kernel``: computed in fp32 whatever the input dtype,
     returned in the input's dtype. On CUDA one ``torch.compile``d kernel (einsum, exp and the
     reductions fused; SCPRETRAIN_FUSED_FAVOR=0 turns it off); eager elsewhere or if compiling fails."""

@@ -168,7 +168,7 @@ def redact(text: str) -> str:
     return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(hide, text))
 
 
-def redact_tree(obj):
+def redact_tree(obj: Any) -> Any:
     """``redact`` applied to every string of a nested dict / list (a config before it is written)."""
     if isinstance(obj, str):
         return redact(obj)

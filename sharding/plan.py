@@ -28,6 +28,7 @@ nothing per cell of the corpus.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,7 +209,7 @@ def consumed_per_stream(batches: int, layout: Layout) -> list[int]:
 
 
 def stream_batches(state: StreamState, n_cells: int, layout: Layout, rank: int, worker: int,
-                   skip: int = 0):
+                   skip: int = 0) -> Iterator[tuple[np.ndarray, list[tuple[int, int]]]]:
     """Yield (window, S0 positions of the window in shuffled order, batch slices) for one stream.
 
     The first ``skip`` batches of the stream are not yielded (resume within a segment).

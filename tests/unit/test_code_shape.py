@@ -38,3 +38,22 @@ def test_modules_and_functions_stay_small():
                                 f"{node.end_lineno - node.lineno + 1} lines")
     assert not big, big
     assert not long, long
+
+
+def test_public_functions_have_type_hints():
+    """Every public module-level function and public method of a public class: annotated arguments and return."""
+    bare = []
+    for f in _modules():
+        if f.name == "__main__.py":
+            continue
+        for node in ast.parse(f.read_text()).body:
+            members = [node]
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                members = [n for n in node.body if isinstance(n, ast.FunctionDef)]
+            for fn in members:
+                if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_"):
+                    continue
+                args = [a for a in fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
+                if fn.returns is None or any(a.annotation is None for a in args):
+                    bare.append(f"{f.relative_to(REPO)}:{fn.lineno} {fn.name}")
+    assert not bare, bare
