@@ -48,6 +48,27 @@ def save_folder(directory: str | Path, marker: str, what: str, write: Callable[[
     except OSError as e:
         raise EvaluateError(f"{directory}: cannot write the {what} ({e}); pass another --out") from e
 
+def read_saved(directory: str | Path, what: str, how: str, config_file: str = CONFIG_FILE,
+               weights_file: str = WEIGHTS_FILE) -> tuple[Path, dict, Path, dict[str, torch.Tensor]]:
+    """(config path, config, weights path, tensors) of a saved head's folder (JSON and safetensors only). A
+    missing or unreadable file is refused naming it; ``how`` says how to write one."""
+    d = Path(directory)
+    cfg_path, w_path = d / config_file, d / weights_file
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise EvaluateError(f"{p}: missing; save a {what} with {how.format(d=d)}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvaluateError(f"{cfg_path}: not valid JSON ({e}); save the {what} again") from e
+    try:
+        with safe_open(str(w_path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise EvaluateError(f"{w_path}: not a readable safetensors file ({e}); save the {what} again") from e
+    return cfg_path, cfg, w_path, state
+
+
 class ScBertNet(nn.Module):
     """Per-gene representations [B, seq_len, dim] -> logits [B, n_classes] (scBERT's head)."""
 
@@ -170,16 +191,7 @@ class Head(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> Head:
         """Reload a head written by :meth:`save` (safetensors + JSON only)."""
-        d = Path(directory)
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise EvaluateError(f"{p}: missing; save a head with "
-                                    f"`python -m evaluate finetune ... --out {d}`")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise EvaluateError(f"{cfg_path}: not valid JSON ({e}); save the head again") from e
+        cfg_path, cfg, w_path, state = read_saved(directory, "head", "`python -m evaluate finetune ... --out {d}`")
         for name in ("kind", "in_dim", "classes"):
             if name not in cfg:
                 raise EvaluateError(f"{cfg_path}: field {name!r} is missing; save the head again")
@@ -193,12 +205,6 @@ class Head(nn.Module):
                    dropout=cfg.get("dropout"), export_info=cfg.get("export"), seq_len=cfg.get("seq_len"))
         head.training_info = cfg.get("training", {})
         head.fine_tuning = cfg.get("fine_tuning", {"mode": "frozen"})
-        try:
-            with safe_open(str(w_path), framework="pt", device="cpu") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise EvaluateError(f"{w_path}: not a readable safetensors file ({e}); save the head again"
-                                ) from e
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as e:

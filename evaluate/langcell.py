@@ -36,7 +36,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -228,23 +227,19 @@ class LangCellHead(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> LangCellHead:
-        d = Path(directory)
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise EvaluateError(f"{p}: missing; save a LangCell head with "
-                                    f"`python -m evaluate langcell ... --save-head {d}`")
+        from scpretrain.evaluate.heads import read_saved
+
+        cfg_path, cfg, w_path, state = read_saved(directory, "LangCell head",
+                                                  "`python -m evaluate langcell ... --save-head {d}`",
+                                                  CONFIG_FILE, WEIGHTS_FILE)
         try:
-            cfg = json.loads(cfg_path.read_text())
             head = cls(cfg["cell_dim"], cfg["text_dim"], cfg["dim"], cfg.get("classes"),
                        cfg.get("text_encoder", ""), cfg.get("export"), cfg.get("texts"),
                        cfg.get("text_projection", True))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise EvaluateError(f"{cfg_path}: not a LangCell head config ({type(e).__name__}: {e}); "
                                 "save the head again") from e
         head.training_info = cfg.get("training", {})
-        with safe_open(str(w_path), framework="pt", device="cpu") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
         try:
             head.load_state_dict(state, strict=True)
         except RuntimeError as e:
