@@ -17,7 +17,8 @@ AnnData you have read yourself.
     evaluate.annotate(model, adata, head="heads/v1")    # the saved head, no reference needed
     evaluate.report(model, ref, "cell_type", out_dir="report/")  # held-out scores beside the baselines
 
-Five functions and one options type; the rest lives in the submodules (``evaluate.classifier``,
+Five functions and two option types (``ReadOptions``: how cells are read; ``FitOptions``: how a head
+trains); the rest lives in the submodules (``evaluate.classifier``,
 ``evaluate.heads``, ...).
 
 Methods from the field (issue 8): ``FitOptions(loss="gaussian_inflation", hard_mining=True)``
@@ -30,7 +31,7 @@ from scpretrain.evaluate.embedding import embed
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import load_export
 from scpretrain.evaluate.finetune import finetune
-from scpretrain.evaluate.options import FitOptions
+from scpretrain.evaluate.options import FitOptions, ReadOptions
 from scpretrain.evaluate.report import report
 
-__all__ = ["EvaluateError", "FitOptions", "annotate", "embed", "finetune", "load_export", "report"]
+__all__ = ["EvaluateError", "FitOptions", "ReadOptions", "annotate", "embed", "finetune", "load_export", "report"]

@@ -322,7 +322,9 @@ def _langcell_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from scpretrain.evaluate import annotate, embed, finetune, load_export, report
+    from dataclasses import replace
+
+    from scpretrain.evaluate import ReadOptions, annotate, embed, finetune, load_export, report
     from scpretrain.evaluate.classifier import resolve_kind
     from scpretrain.evaluate.report import format_table
 
@@ -333,15 +335,16 @@ def run(args: argparse.Namespace) -> None:
     model = load_export(args.export)
     if verbose:
         print(f"loaded {model}")
-    common = dict(layer=args.layer, min_coverage=args.min_coverage, batch_size=args.batch_size,
-                  device=args.device, verbose=verbose, allow_normalized=args.allow_normalized,
-                  sum_duplicates=args.sum_duplicates)
+    read = ReadOptions(layer=args.layer, min_coverage=args.min_coverage, batch_size=args.batch_size,
+                       device=args.device, verbose=verbose, allow_normalized=args.allow_normalized,
+                       sum_duplicates=args.sum_duplicates)
+    common = {"read": read}
     if args.command == "embed":
         adata = _read(args.adata)
         embed(model, adata, **common)
         _write(adata, args.out)
     elif args.command == "finetune":
-        common["layer"] = args.reference_layer or args.layer
+        common["read"] = replace(read, layer=args.reference_layer or args.layer)
         kind = resolve_kind(args.head, model.family)
         out = args.out or Path(args.export) / "heads" / f"{args.label_key}-{kind}-{args.mode}"
         finetune(model, _read(args.reference), args.label_key, save_to=out, **_training(args), **common)

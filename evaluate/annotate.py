@@ -13,7 +13,7 @@ from scpretrain.evaluate.embedding import as_export, embed_counts
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.metrics import UNASSIGNED  # noqa: F401 - re-exported: annotate's public label
-from scpretrain.evaluate.options import FitOptions
+from scpretrain.evaluate.options import FitOptions, ReadOptions, split_options
 
 KNN_RADIUS_QUANTILE = 0.99
 
@@ -169,18 +169,12 @@ def annotate(
     reject_rate: float = REJECT_RATE,
     k: int = 5,
     max_distance: float | str | None = "auto",
-    layer: str | None = None,
     reference_layer: str | None = None,
-    min_coverage: float = 0.5,
-    allow_normalized: bool = False,
-    sum_duplicates: bool = False,
     compare_baseline: bool = True,
-    batch_size: int = 512,
-    device: str | None = None,
     seed: int = 0,
     save_head: str | Path | None = None,
     plot_dir: str | Path | None = None,
-    verbose: bool = True,
+    read: ReadOptions | None = None,
     fit: FitOptions | None = None,
     **options: Any,
 ) -> Any:
@@ -189,7 +183,9 @@ def annotate(
     ``head``: "auto" / "linear" / "mlp" / "scbert" fine-tune a classifier on the reference
     (``mode`` "auto" (default: the candidates of ``AUTO_CANDIDATES`` are each fitted and
     the best macro F1 on held-out reference cells is kept), "frozen", "partial" or "full",
-    ``unfreeze``; ``fit`` (``evaluate.FitOptions``, or its fields as keyword arguments) trains it, e.g.
+    ``unfreeze``; ``read`` (``evaluate.ReadOptions``: layer, min_coverage, batch_size, device, ...) reads the
+    query (the reference from ``reference_layer``), ``fit`` (``evaluate.FitOptions``; both also as keyword
+    arguments) trains it, e.g.
     ``loss="gaussian_inflation", hard_mining=True`` for rare types; ``save_head`` keeps it);
     "knn" votes among the ``k`` nearest reference cells (cosine) without training; a
     Classifier, a Head or the directory of a saved head is used as is (then no reference
@@ -215,7 +211,8 @@ def annotate(
     from scpretrain.evaluate.classifier import as_classifier
     from scpretrain.evaluate.finetune import labels_of, stratified_split
 
-    fit = FitOptions.of("annotate", fit, options)  # a misspelt option stops here, before any work
+    read, fit = split_options("annotate", read, fit, options)  # a misspelt option stops here, before any work
+    layer, batch_size, device, verbose = read.layer, read.batch_size, read.device, read.verbose
 
     model = as_export(model)
     head = _resolve_head(head)
@@ -232,8 +229,7 @@ def annotate(
         raise EvaluateError(f"annotate: head={head!r} needs a labelled reference (or pass a saved head)")
     else:
         labels, rows = labels_of(reference, label_key)  # before any embedding: a wrong key fails fast
-    align = dict(min_coverage=min_coverage, verbose=verbose, allow_normalized=allow_normalized,
-                 sum_duplicates=sum_duplicates)
+    align = read.align()
     query, cov = align_to_vocab(adata, model.vocab, layer=layer, name="query", **align)
     keep = nonempty_cells(query, "query", verbose)
     n_dropped = query.shape[0] - len(keep)

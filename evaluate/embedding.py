@@ -10,6 +10,7 @@ import torch
 
 from scpretrain.evaluate.align import Coverage, align_to_vocab
 from scpretrain.evaluate.export_io import Export, load_export
+from scpretrain.evaluate.options import ReadOptions, split_options
 
 
 def as_export(model: Export | str | Path) -> Export:
@@ -56,26 +57,19 @@ def compute_embeddings(
     return embed_counts(model, counts, batch_size=batch_size, device=device), cov
 
 
-def embed(
-    model: Export | str | Path,
-    adata: Any,
-    batch_size: int = 512,
-    layer: str | None = None,
-    min_coverage: float = 0.5,
-    device: str | torch.device | None = None,
-    verbose: bool = True,
-    **align_kw: Any,
-) -> Any:
+def embed(model: Export | str | Path, adata: Any, *, read: ReadOptions | None = None, **options: Any) -> Any:
     """Write ``adata.obsm["X_<family>"]`` (float32 [n_obs, d]) from raw counts; returns ``adata``.
 
     Counts come from ``adata.X`` (sparse or dense), ``adata.layers[layer]`` or, with
     ``layer="raw"``, ``adata.raw``. Genes are aligned to the export's vocabulary first
     (see ``evaluate.align``); below ``min_coverage`` the call is refused. The coverage
-    is also stored in ``adata.uns["evaluate"]``.
+    is also stored in ``adata.uns["evaluate"]``. ``read``: ``evaluate.ReadOptions`` (or its fields as
+    keyword arguments: ``layer``, ``min_coverage``, ``batch_size``, ``device``, ``verbose``, ...).
     """
+    read, _ = split_options("embed", read, None, options, fits=False)
     model = as_export(model)
-    emb, cov = compute_embeddings(model, adata, batch_size=batch_size, layer=layer, min_coverage=min_coverage,
-                                  device=device, verbose=verbose, **align_kw)
+    emb, cov = compute_embeddings(model, adata, batch_size=read.batch_size, layer=read.layer,
+                                  device=read.device, **read.align())
     adata.obsm[model.embedding_key] = emb
     adata.uns["evaluate"] = {"export": str(model.path), "family": model.family,
                              "vocab_sha256": model.vocab_sha256, "coverage": cov.to_dict()}

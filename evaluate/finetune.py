@@ -32,7 +32,7 @@ from scpretrain.evaluate.longtail import (
     make_criterion,
     mine_hard,
 )
-from scpretrain.evaluate.options import FitOptions
+from scpretrain.evaluate.options import FitOptions, ReadOptions, split_options
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -373,14 +373,8 @@ def finetune(
     mode: str = "frozen",
     unfreeze: int | list[int] = 1,
     save_to: str | Path | None = None,
-    layer: str | None = None,
-    min_coverage: float = 0.5,
-    batch_size: int = 512,
-    device: str | None = None,
     seed: int = 0,
-    verbose: bool = True,
-    allow_normalized: bool = False,
-    sum_duplicates: bool = False,
+    read: ReadOptions | None = None,
     fit: FitOptions | None = None,
     **options: Any,
 ) -> Classifier:
@@ -393,16 +387,15 @@ def finetune(
     ``loss="gaussian_inflation"`` and ``hard_mining=True`` (``evaluate.longtail``). With
     ``save_to`` the head (and the fine-tuned encoder tensors) are written there:
     head.safetensors + head.json (+ encoder.safetensors); reuse with
-    ``annotate(..., head=save_to)``.
+    ``annotate(..., head=save_to)``. ``read``: how the reference is read (``evaluate.ReadOptions``).
     """
-    fit = FitOptions.of("finetune", fit, options)  # a misspelt option stops here, before any work
+    read, fit = split_options("finetune", read, fit, options)  # a misspelt option stops here, before any work
+    verbose = read.verbose
     model = as_export(model)
     labels, rows = labels_of(reference, label_key)
-    counts, _ = align_to_vocab(reference, model.vocab, min_coverage=min_coverage, layer=layer,
-                               name="reference", verbose=verbose, allow_normalized=allow_normalized,
-                               sum_duplicates=sum_duplicates)
-    clf = fit_classifier(model, counts[rows], labels, head, mode, unfreeze, seed=seed, device=device,
-                         batch_size=batch_size, fit=fit)
+    counts, _ = align_to_vocab(reference, model.vocab, layer=read.layer, name="reference", **read.align())
+    clf = fit_classifier(model, counts[rows], labels, head, mode, unfreeze, seed=seed, device=read.device,
+                         batch_size=read.batch_size, fit=fit)
     if verbose:
         info = clf.head.training_info
         print(f"{clf.describe()}: {len(clf.classes)} classes, {info['n_train']} training / {info['n_val']} "

@@ -25,6 +25,7 @@ sentence-transformers directory), loaded with the Hugging Face hub switched off.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -41,6 +42,7 @@ from torch import nn
 
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.longtail import Criterion
+from scpretrain.evaluate.options import ReadOptions
 from scpretrain.evaluate.vectors import read_vectors
 
 FORMAT_VERSION = 1
@@ -357,16 +359,10 @@ def langcell_annotate(
     template: str = "{label}",
     threshold: float = 0.0,
     save_head: str | Path | None = None,
-    layer: str | None = None,
     reference_layer: str | None = None,
-    min_coverage: float = 0.5,
-    batch_size: int = 512,
-    device: str | None = None,
     seed: int = 0,
-    verbose: bool = True,
-    allow_normalized: bool = False,
-    sum_duplicates: bool = False,
-    **fit_kwargs: Any,
+    read: ReadOptions | None = None,
+    **options: Any,
 ) -> Any:
     """Zero-shot annotation of ``adata`` with a LangCell head on the export ``model``'s embeddings.
 
@@ -384,9 +380,20 @@ def langcell_annotate(
 
     if encoder is None:
         raise EvaluateError(NO_ENCODER)
+    import inspect
+
+    trains = [n for n in inspect.signature(fit_langcell).parameters if n not in (
+        "cell_emb", "labels", "encoder", "descriptions", "template", "seed", "export_info")]
+    read_names = {f.name for f in dataclasses.fields(ReadOptions)}
+    unknown = sorted(set(options) - read_names - set(trains))
+    if unknown:  # refused here, before any cell is read
+        raise EvaluateError(f"langcell_annotate: unknown option(s) {unknown}; reading options "
+                            f"{sorted(read_names)}; training options {trains}")
+    read = dataclasses.replace(read or ReadOptions(), **{k: v for k, v in options.items() if k in read_names})
+    fit_kwargs = {k: v for k, v in options.items() if k not in read_names}
+    layer, batch_size, device, verbose = read.layer, read.batch_size, read.device, read.verbose
     model = as_export(model)
-    align = dict(min_coverage=min_coverage, verbose=verbose, allow_normalized=allow_normalized,
-                 sum_duplicates=sum_duplicates)
+    align = read.align()
     if head is None:
         if reference is None:
             raise EvaluateError("LangCell: pass a labelled reference to train on, or a saved head")

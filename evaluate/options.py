@@ -1,8 +1,10 @@
-"""The options of a classifier's training, as one typed object (``FitOptions``).
+"""The options of ``evaluate``'s functions as two typed objects: how cells are read (``ReadOptions``) and how
+a classifier trains (``FitOptions``).
 
-``finetune``, ``annotate`` and ``report`` take ``fit=FitOptions(...)``, or the same names as keyword arguments,
-turned into a ``FitOptions`` on entry: a misspelt option is refused there, naming it, before any cell is read.
-``head``, ``mode``, ``unfreeze`` and ``seed`` stay arguments of their own (they choose what is trained).
+``embed``, ``finetune``, ``annotate``, ``report`` and ``langcell_annotate`` take ``read=ReadOptions(...)`` and
+(where they train) ``fit=FitOptions(...)``, or the same names as keyword arguments, sorted into the two objects
+on entry (``split_options``): a misspelt option is refused there, naming it, before any cell is read. What a
+function is about (``head``, ``mode``, ``threshold``, ...) stays an argument of its own.
 """
 from __future__ import annotations
 
@@ -11,6 +13,24 @@ from typing import Any
 
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.longtail import LongTail
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How cells are read and matched to an export's genes (``evaluate.align``), and where the encoder runs."""
+
+    layer: str | None = None  # counts in adata.layers[layer] ("raw": adata.raw) instead of X
+    min_coverage: float = 0.5  # refuse data with fewer of the export's genes
+    allow_normalized: bool = False  # use X as it is when no matrix holds raw integer counts
+    sum_duplicates: bool = False  # add up duplicated gene names instead of refusing them
+    batch_size: int = 512  # cells per forward pass
+    device: str | None = None  # default: cuda when available
+    verbose: bool = True
+
+    def align(self) -> dict[str, Any]:
+        """``align_to_vocab``'s keyword arguments (beside the layer and the name)."""
+        return {"min_coverage": self.min_coverage, "verbose": self.verbose,
+                "allow_normalized": self.allow_normalized, "sum_duplicates": self.sum_duplicates}
 
 
 @dataclass(frozen=True)
@@ -50,9 +70,20 @@ class FitOptions:
     def of(cls, where: str, fit: FitOptions | None, given: dict[str, Any]) -> FitOptions:
         """``fit`` (default: the defaults) with the keyword arguments ``given`` applied; an unknown name is
         refused, naming ``where`` and the names it takes."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise EvaluateError(f"{where}: unknown option(s) {unknown}; training options are {names} "
-                                "(and head, mode, unfreeze, seed)")
-        return replace(fit if fit is not None else cls(), **given)
+        return split_options(where, None, fit, given, reads=False)[1]
+
+
+def split_options(where: str, read: ReadOptions | None, fit: FitOptions | None, given: dict[str, Any],
+                  reads: bool = True, fits: bool = True) -> tuple[ReadOptions, FitOptions]:
+    """``read`` and ``fit`` (default: the defaults) with the keyword arguments ``given`` sorted into them by
+    name; a name neither takes is refused here, naming ``where`` and the names it takes."""
+    r_names = [f.name for f in fields(ReadOptions)] if reads else []
+    f_names = [f.name for f in fields(FitOptions)] if fits else []
+    unknown = sorted(set(given) - set(r_names) - set(f_names))
+    if unknown:
+        known = ("reading options " + str(r_names) if r_names else "") + (
+            ("; " if r_names and f_names else "") + ("training options " + str(f_names) if f_names else ""))
+        raise EvaluateError(f"{where}: unknown option(s) {unknown}; {known}")
+    read = replace(read if read is not None else ReadOptions(), **{k: v for k, v in given.items() if k in r_names})
+    fit = replace(fit if fit is not None else FitOptions(), **{k: v for k, v in given.items() if k in f_names})
+    return read, fit

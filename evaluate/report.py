@@ -29,7 +29,7 @@ from scpretrain.evaluate.embedding import as_export, embed_counts
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.export_io import Export
 from scpretrain.evaluate.finetune import labels_of, stratified_split
-from scpretrain.evaluate.options import FitOptions
+from scpretrain.evaluate.options import FitOptions, ReadOptions, split_options
 
 
 # long: a linear script of the report's rows (head, kNN, expression baseline, majority class) and its plots.
@@ -47,13 +47,7 @@ def report(
     k: int = 5,
     threshold: float = 0.5,
     umap: bool = True,
-    layer: str | None = None,
-    min_coverage: float = 0.5,
-    batch_size: int = 512,
-    device: str | None = None,
-    verbose: bool = True,
-    allow_normalized: bool = False,
-    sum_duplicates: bool = False,
+    read: ReadOptions | None = None,
     fit: FitOptions | None = None,
     **options: Any,
 ) -> dict[str, Any]:
@@ -68,15 +62,15 @@ def report(
     """
     from scpretrain.evaluate.metrics import classification_metrics  # scikit-learn, only needed here
 
-    fit = FitOptions.of("report", fit, options)  # a misspelt option stops here, before any work
+    read, fit = split_options("report", read, fit, options)  # a misspelt option stops here, before any work
+    batch_size, device, verbose = read.batch_size, read.device, read.verbose
     model = as_export(model)
     labels, rows = labels_of(adata, label_key, name="adata")
     train, test = stratified_split(labels, test_size, seed)
     if len(test) == 0:
         raise EvaluateError(f"adata: no class of obs[{label_key!r}] has 2 or more cells, so none can be "
                             "held out; report needs several labelled cells per class")
-    counts, cov = align_to_vocab(adata, model.vocab, min_coverage=min_coverage, layer=layer, name="adata",
-                                 verbose=verbose, allow_normalized=allow_normalized, sum_duplicates=sum_duplicates)
+    counts, cov = align_to_vocab(adata, model.vocab, layer=read.layer, name="adata", **read.align())
     counts = counts[rows]
     emb = embed_counts(model, counts, batch_size=batch_size, device=device)
     classes = sorted(set(labels.tolist()))

@@ -64,15 +64,23 @@ def test_vector_tables_read_the_same_in_train_and_evaluate(tmp_path):
     assert torch.equal(torch.from_numpy(gene_embedding.read_embedding_file(path)[1]), torch.from_numpy(mat))
 
 
-def test_a_misspelt_training_option_is_refused_before_any_work():
+def test_a_misspelt_option_is_refused_before_any_work():
     import pytest
 
     from scpretrain import evaluate
 
     for fn, args in ((evaluate.finetune, (None, None, "cell_type")), (evaluate.annotate, (None, None)),
                      (evaluate.report, (None, None, "cell_type"))):
-        with pytest.raises(evaluate.EvaluateError, match=r"unknown option\(s\) \['lerning_rate'\]; training options"):
+        with pytest.raises(evaluate.EvaluateError,
+                           match=r"unknown option\(s\) \['lerning_rate'\]; reading options .*; training options"):
             fn(*args, lerning_rate=1e-3)  # model and cells are never looked at
+    with pytest.raises(evaluate.EvaluateError, match=r"embed: unknown option\(s\) \['layers'\]; reading options"):
+        evaluate.embed(None, None, layers="raw")
+    read = evaluate.ReadOptions(layer="counts", verbose=False)
+    from scpretrain.evaluate.options import split_options
+
+    r, f = split_options("x", read, None, {"batch_size": 7, "max_epochs": 2})
+    assert r == evaluate.ReadOptions(layer="counts", verbose=False, batch_size=7) and f.max_epochs == 2
     fit = evaluate.FitOptions(max_epochs=3, loss="gaussian_inflation")
     assert evaluate.FitOptions.of("x", fit, {"lr": 0.1}) == evaluate.FitOptions(max_epochs=3, loss="gaussian_inflation",
                                                                                lr=0.1)
