@@ -84,6 +84,16 @@ def _write(adata: Any, path: str) -> None:
     print(f"wrote {out}")
 
 
+def _neighbours(p: argparse.ArgumentParser, k_help: str = "neighbours that vote (default 5)",
+                max_distance: bool = True) -> None:
+    p.add_argument("--k", type=int, default=5, help=k_help)
+    if max_distance:
+        p.add_argument("--max-distance", default="auto", metavar="D",
+                       help="neighbours farther than this cosine distance do not vote, so cells unlike any "
+                       "reference cell become Unassigned (default auto: the reference's own 99th-percentile "
+                       "distance to its k-th neighbour; 'none' lets every neighbour vote)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", required=True, metavar="DIR",
                    help="export directory (config.json, model.safetensors, vocab.tsv)")
@@ -223,12 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _labelled(p)
     _query(p)
-    p.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    _neighbours(p)
     _unassigned(p, "vote fraction")
-    p.add_argument("--max-distance", default="auto", metavar="D",
-                   help="neighbours farther than this cosine distance do not vote, so cells unlike any "
-                   "reference cell become Unassigned (default auto: the reference's own 99th-percentile "
-                   "distance to its k-th neighbour; 'none' lets every neighbour vote)")
     _plots(p)
 
     p = sub.add_parser("report", help="held-out metrics vs. baselines",
@@ -243,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=float, default=0.3, metavar="F",
                    help="held-out fraction of each class (default 0.3)")
     _head(p, "seed of the split and the head")
-    p.add_argument("--k", type=int, default=5, help="neighbours for the kNN row (default 5)")
+    _neighbours(p, "neighbours for the kNN row (default 5)", max_distance=False)
     p.add_argument("--threshold", type=float, default=0.5, metavar="P",
                    help="threshold for the head's Unassigned rate (default 0.5)")
     p.add_argument("--out-dir", default="evaluate_report", metavar="DIR",
@@ -277,11 +283,9 @@ def _genept_parser(sub: Any) -> None:
     p.add_argument("--min-coverage", type=float, default=0.1, metavar="F",
                    help="refuse data of which fewer than this fraction of genes have an embedding "
                    "(default 0.1)")
-    p.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    _neighbours(p)
     p.add_argument("--threshold", type=float, default=0.5, metavar="P",
                    help="minimum vote fraction (default 0.5)")
-    p.add_argument("--max-distance", default="auto", metavar="D",
-                   help="neighbours farther than this cosine distance do not vote (default auto; 'none')")
     p.add_argument("--quiet", action="store_true", help="print only results and errors")
 
 

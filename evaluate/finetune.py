@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +76,20 @@ def _batches(idx: np.ndarray, size: int) -> list[np.ndarray]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
+@dataclass
+class Trainee:
+    """What the training loop drives: ``step_logits(rows)`` -> logits of those cells (training or evaluation
+    mode as ``set_mode`` last set), and ``snapshot`` / ``restore`` of the state to keep the best epoch's."""
+
+    step_logits: Callable[[np.ndarray], torch.Tensor]
+    set_mode: Callable[[bool], None]
+    snapshot: Callable[[], dict]
+    restore: Callable[[dict], None]
+
+
 def _train(
-    step_logits: Callable[[np.ndarray], torch.Tensor],
+    t: Trainee,
     param_groups: list[dict],
-    set_mode: Callable[[bool], None],
-    snapshot: Callable[[], dict],
-    restore: Callable[[dict], None],
     y: torch.Tensor,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
@@ -96,11 +105,11 @@ def _train(
 ) -> dict[str, Any]:
     """The one training loop: AdamW on ``criterion``, early stopping on its validation loss.
 
-    ``step_logits(rows)`` -> logits for those cells (training or evaluation mode as set by ``set_mode``).
-    Keeps the best epoch's state (``snapshot`` / ``restore``). Batch order comes from a generator
+    Keeps the best epoch's state of ``t``. Batch order comes from a generator
     seeded with ``seed``; the caller seeds torch's RNG (initialization, dropout, inflation noise).
     ``sample_weight`` [n_cells] (hard mining) weights each training cell's loss.
     """
+    step_logits, set_mode, snapshot, restore = t.step_logits, t.set_mode, t.snapshot, t.restore
     criterion = criterion.to(y.device)
     opt = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -133,11 +142,8 @@ def _train(
 
 
 def _train_phases(
-    step_logits: Callable[[np.ndarray], torch.Tensor],
+    t: Trainee,
     param_groups: list[dict],
-    set_mode: Callable[[bool], None],
-    snapshot: Callable[[], dict],
-    restore: Callable[[dict], None],
     y: torch.Tensor,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
@@ -151,22 +157,20 @@ def _train_phases(
     """
     y_np = y.cpu().numpy()
     criterion = make_criterion(longtail, y_np[train_idx], len(classes))
-    info = _train(step_logits, param_groups, set_mode, snapshot, restore, y, train_idx, val_idx, criterion,
-                  **train_kw)
+    info = _train(t, param_groups, y, train_idx, val_idx, criterion, **train_kw)
     info["longtail"] = longtail.describe()
     if not longtail.hard_mining:
         return info, None
-    set_mode(False)
+    t.set_mode(False)
     bs = train_kw.get("eval_batch_size", 8192)
     with torch.no_grad():
-        proba = torch.cat([torch.softmax(step_logits(b), dim=1).float().cpu()
+        proba = torch.cat([torch.softmax(t.step_logits(b), dim=1).float().cpu()
                            for b in _batches(train_idx, bs)]).numpy()
     hard = train_idx[mine_hard(proba, y_np[train_idx], longtail.hard_margin)]
     weight = torch.ones(len(y_np), dtype=torch.float32, device=y.device)
     weight[torch.as_tensor(hard, device=y.device)] = longtail.hard_weight
     groups = [{**g, "lr": g["lr"] * longtail.hard_lr_scale} for g in param_groups]
-    phase2 = _train(step_logits, groups, set_mode, snapshot, restore, y, train_idx, val_idx, criterion,
-                    sample_weight=weight, **train_kw)
+    phase2 = _train(t, groups, y, train_idx, val_idx, criterion, sample_weight=weight, **train_kw)
     info["hard_mining"] = {
         "n_hard": int(len(hard)),
         "n_hard_per_class": {classes[c]: int(n) for c, n in zip(*np.unique(y_np[hard], return_counts=True))},
@@ -228,9 +232,10 @@ def fit_head(
         torch.manual_seed(seed)
         head = Head(x.shape[1], classes, kind=kind, hidden=hidden, dropout=dropout, export_info=export_info)
         head.set_standardization(x[train_idx])
+        trainee = Trainee(lambda b: head(x[b]), head.train, lambda: copy.deepcopy(head.state_dict()),
+                          head.load_state_dict)
         info, hard = _train_phases(
-            lambda b: head(x[b]), [{"params": list(head.parameters()), "lr": lr}], head.train,
-            lambda: copy.deepcopy(head.state_dict()), head.load_state_dict, y, train_idx, val_idx, classes,
+            trainee, [{"params": list(head.parameters()), "lr": lr}], y, train_idx, val_idx, classes,
             longtail, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
             weight_decay=weight_decay, seed=seed)
     head.eval()
@@ -333,8 +338,8 @@ def fit_classifier(
                     params[n].copy_(t)
 
         y = torch.as_tensor(y_all, dtype=torch.long, device=dev)
-        info, hard = _train_phases(step_logits, groups, set_mode, snapshot, restore, y, train_idx, val_idx,
-                                   classes, longtail, seed=seed, eval_batch_size=batch_size, **train_kw)
+        info, hard = _train_phases(Trainee(step_logits, set_mode, snapshot, restore), groups, y, train_idx,
+                                   val_idx, classes, longtail, seed=seed, eval_batch_size=batch_size, **train_kw)
     clf.encoder.requires_grad_(False)
     h.training_info = {**info, "lr": lr, "encoder_lr": encoder_lr if clf.tuned else None, "mode": mode}
     h.hard_cells = hard

@@ -298,7 +298,7 @@ def fit_langcell(
 
     Early stopping on the InfoNCE of a stratified validation split, best epoch kept.
     """
-    from scpretrain.evaluate.finetune import _encode_labels, _train, stratified_split
+    from scpretrain.evaluate.finetune import Trainee, _encode_labels, _train, stratified_split
 
     labels, classes, y_all = _encode_labels(labels)
     if len(classes) < 2:
@@ -314,10 +314,11 @@ def fit_langcell(
         head = LangCellHead(x.shape[1], text_emb.shape[1], dim, classes, encoder.name, export_info, texts,
                             text_projection)
         head.set_standardization(x[train_idx])
-        info = _train(lambda b: head(x[b], text_emb), [{"params": list(head.parameters()), "lr": lr}],
-                      head.train, lambda: {k: v.clone() for k, v in head.state_dict().items()},
-                      head.load_state_dict, y, train_idx, val_idx, InfoNCE(), batch_size=batch_size,
-                      max_epochs=max_epochs, patience=patience, weight_decay=weight_decay, seed=seed)
+        trainee = Trainee(lambda b: head(x[b], text_emb), head.train,
+                          lambda: {k: v.clone() for k, v in head.state_dict().items()}, head.load_state_dict)
+        info = _train(trainee, [{"params": list(head.parameters()), "lr": lr}], y, train_idx, val_idx, InfoNCE(),
+                      batch_size=batch_size, max_epochs=max_epochs, patience=patience, weight_decay=weight_decay,
+                      seed=seed)
     head.eval()
     head.training_info = {**info, "lr": lr, "temperature": float(1.0 / head.scale().detach())}
     return head
@@ -344,6 +345,21 @@ def zero_shot(head: LangCellHead, cell_emb: np.ndarray, candidates: list[str], e
     text_emb = encoder.encode(label_texts(candidates, descriptions, template))
     unseen = [c for c in candidates if c not in set(head.classes)]
     return ZeroShot(head.predict_proba(np.asarray(cell_emb, dtype=np.float32), text_emb), candidates, unseen)
+
+
+def _split_langcell_options(read: ReadOptions | None, options: dict[str, Any]) -> tuple[ReadOptions, dict]:
+    """Keyword options sorted into ``ReadOptions`` and ``fit_langcell``'s training arguments; others refused."""
+    import inspect
+
+    trains = [n for n in inspect.signature(fit_langcell).parameters if n not in (
+        "cell_emb", "labels", "encoder", "descriptions", "template", "seed", "export_info")]
+    read_names = {f.name for f in dataclasses.fields(ReadOptions)}
+    unknown = sorted(set(options) - read_names - set(trains))
+    if unknown:
+        raise EvaluateError(f"langcell_annotate: unknown option(s) {unknown}; reading options "
+                            f"{sorted(read_names)}; training options {trains}")
+    read = dataclasses.replace(read or ReadOptions(), **{k: v for k, v in options.items() if k in read_names})
+    return read, {k: v for k, v in options.items() if k not in read_names}
 
 
 def langcell_annotate(
@@ -380,17 +396,7 @@ def langcell_annotate(
 
     if encoder is None:
         raise EvaluateError(NO_ENCODER)
-    import inspect
-
-    trains = [n for n in inspect.signature(fit_langcell).parameters if n not in (
-        "cell_emb", "labels", "encoder", "descriptions", "template", "seed", "export_info")]
-    read_names = {f.name for f in dataclasses.fields(ReadOptions)}
-    unknown = sorted(set(options) - read_names - set(trains))
-    if unknown:  # refused here, before any cell is read
-        raise EvaluateError(f"langcell_annotate: unknown option(s) {unknown}; reading options "
-                            f"{sorted(read_names)}; training options {trains}")
-    read = dataclasses.replace(read or ReadOptions(), **{k: v for k, v in options.items() if k in read_names})
-    fit_kwargs = {k: v for k, v in options.items() if k not in read_names}
+    read, fit_kwargs = _split_langcell_options(read, options)  # a misspelt option stops here
     layer, batch_size, device, verbose = read.layer, read.batch_size, read.device, read.verbose
     model = as_export(model)
     align = read.align()
