@@ -257,7 +257,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-umap", action="store_true", help="skip umap.png (UMAP takes some seconds)")
     _genept_parser(sub)
     _langcell_parser(sub)
+    _interpret_parser(sub)
     return parser
+
+
+def _interpret_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "interpret", help="top genes per cell type (gradient x input)",
+        description="Attribute each labelled cell's embedding, pointed toward its own type's centroid, to the "
+        "export's genes (gradient x input; a Performer: against the unexpressed bin) and write each type's "
+        "--top genes to OUT_DIR/top_genes.tsv and a heatmap to OUT_DIR/top_genes.png; with --markers, where "
+        "those genes rank for their type (OUT_DIR/marker_ranks.tsv, printed).")
+    _common(p)
+    p.add_argument("--adata", required=True, metavar="LABELLED.h5ad", help="labelled cells (raw counts)")
+    p.add_argument("--label-key", required=True, metavar="KEY", help="obs column with the labels")
+    p.add_argument("--top", type=int, default=20, metavar="N", help="genes kept per type (default 20)")
+    p.add_argument("--max-cells-per-type", type=int, default=200, metavar="N",
+                   help="cells attributed per type, drawn at random (default 200)")
+    p.add_argument("--markers", default=None, metavar="SPEC",
+                   help="known markers to rank, e.g. 'CD14 Mono=CD14,LYZ;B=MS4A1,CD79A'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cell draw (default 0)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="where the TSV and PNG files go")
 
 
 def _genept_parser(sub: Any) -> None:
@@ -373,6 +393,8 @@ def run(args: argparse.Namespace) -> None:
         _write(query, args.out)
     elif args.command == "langcell":
         _run_langcell(args, model, common)
+    elif args.command == "interpret":
+        _run_interpret(args, model, read)
     elif args.command == "report":
         rep = report(model, _read(args.adata), args.label_key, test_size=args.test_size, out_dir=args.out_dir,
                      k=args.k, threshold=args.threshold, umap=not args.no_umap, **_training(args), **common)
@@ -424,6 +446,24 @@ def _run_langcell(args: argparse.Namespace, model: Any, common: dict) -> None:
                       reference_layer=args.reference_layer, seed=args.seed, max_epochs=args.max_epochs,
                       **common)
     _write(query, args.out)
+
+
+def _run_interpret(args: argparse.Namespace, model: Any, read: Any) -> None:
+    from scpretrain.evaluate.interpret import interpret, marker_ranks, parse_markers
+    from scpretrain.evaluate.plots import plot_top_genes
+
+    markers = parse_markers(args.markers) if args.markers else None  # a bad spec fails before the work
+    table, mean, types = interpret(model, _read(args.adata), args.label_key, top=args.top,
+                                   max_cells_per_type=args.max_cells_per_type, seed=args.seed, read=read)
+    ranks = marker_ranks(model, mean, types, markers) if markers else None
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "top_genes.tsv", sep="\t", index=False)
+    plot_top_genes(mean, types, model.symbols, table, out / "top_genes.png")
+    print(f"top {args.top} genes of {len(types)} cell types -> {out / 'top_genes.tsv'}, {out / 'top_genes.png'}")
+    if ranks is not None:
+        ranks.to_csv(out / "marker_ranks.tsv", sep="\t", index=False)
+        print(ranks.to_string(index=False))
 
 
 def _distance(text: str) -> float | str | None:

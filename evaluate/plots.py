@@ -118,3 +118,31 @@ def plot_umap(coords: np.ndarray, colourings: dict[str, Any], path: str | Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_top_genes(mean: np.ndarray, types: list[str], symbols: list[str], table: Any, path: str | Path,
+                   per_type: int = 5, title: str = "") -> Path:
+    """Heatmap: rows the cell types, columns the ``per_type`` most attributed genes of each type (in type
+    order), colour the mean attribution scaled per gene by its largest absolute value."""
+    cols: list[int] = []
+    index = {s: i for i, s in reversed(list(enumerate(symbols)))}
+    for t in types:
+        for sym in table[table["cell_type"] == t].sort_values("rank")["symbol"].head(per_type):
+            c = index[sym]
+            if c not in cols:
+                cols.append(c)
+    m = mean[:, cols]
+    m = m / np.maximum(np.abs(m).max(axis=0, keepdims=True), 1e-12)
+    fig = Figure(figsize=(max(5.0, 0.32 * len(cols) + 2.5), max(3.0, 0.4 * len(types) + 1.8)), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-1.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(cols)), [symbols[c] for c in cols], rotation=75, ha="right", fontsize=7)
+    ax.set_yticks(range(len(types)), types, fontsize=8)
+    ax.set_title(title or "top genes per cell type (gradient x input, scaled per gene)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

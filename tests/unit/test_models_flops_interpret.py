@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from scpretrain.scmodels import PreprocessSpec, build_model, preprocess
 from scpretrain.train import flops
-from scpretrain.train.interpret import gene_attributions, top_genes_per_type
+from scpretrain.evaluate.interpret import gene_attributions, top_genes_per_type
 
 TINY = {
     "mae": dict(n_genes=300, hidden=[64, 32], latent=16, dropout=0.0),
