@@ -43,10 +43,11 @@ class MAE(nn.Module):
         if cfg.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation: {cfg.activation!r} is not one of {sorted(ACTIVATIONS)}")
         enc_dims = [cfg.n_genes, *cfg.hidden]
+        body = _mlp(enc_dims, cfg.dropout, cfg.activation)  # built first: the initial weights are drawn in order
         latent: list[nn.Module] = [nn.Linear(enc_dims[-1], cfg.latent)]
         if cfg.latent_activation:
             latent.append(ACTIVATIONS[cfg.activation]())
-        self.encoder = nn.Sequential(*_mlp(enc_dims, cfg.dropout, cfg.activation), *latent)
+        self.encoder = nn.Sequential(*body, *latent)
         self.decoder: nn.Module | None = None
         if not cfg.decoder:
             return

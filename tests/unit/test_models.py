@@ -248,3 +248,23 @@ def test_performer_layer_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(grads[0][0], grads[1][0])
     assert len(grads[0][1]) == len(grads[1][1]) > 0
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_mae_initial_weights_are_drawn_in_layer_order():
+    """The import switches (activation, latent_activation, decoder) leave our MAE's initialization as it was
+    (the encoder layer by layer, then the decoder's output layer, then its hidden layers), so a seed gives the
+    same model, and the same demo, as before them."""
+    import torch
+    from torch import nn
+
+    from scpretrain.scmodels.build import build_model
+
+    torch.manual_seed(3)
+    ours = build_model("mae", {"n_genes": 30, "hidden": [16, 8], "latent": 4})
+    torch.manual_seed(3)
+    enc = [nn.Linear(30, 16), nn.SELU(), nn.Dropout(0.1), nn.Linear(16, 8), nn.SELU(), nn.Dropout(0.1), nn.Linear(8, 4)]
+    out = nn.Linear(16, 30)
+    dec = [nn.Linear(4, 8), nn.SELU(), nn.Dropout(0.1), nn.Linear(8, 16), nn.SELU(), nn.Dropout(0.1), out]
+    ref = nn.ModuleDict({"encoder": nn.Sequential(*enc), "decoder": nn.Sequential(*dec)})
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
