@@ -4,19 +4,20 @@
     scpretrain embed --export EXPORT --adata mine.h5ad --out mine_embedded.h5ad
     scpretrain build --source 'data/*.h5ad' --out corpora/mine          (needs scpretrain[train])
     scpretrain pretrain --config configs/pretrain/demo_mae.yaml          (under torchrun: python -m scpretrain.train)
+    scpretrain import-weights --from scbert --checkpoint panglao_pretrain.pth --genes genes.txt --out EXPORT
     scpretrain --version
 
-Downstream commands (embed, finetune, annotate, knn, report, genept, langcell) are those of
-``python -m evaluate``; build / inspect / verify of ``python -m sharding``; pretrain / export of
-``python -m train``; ``launch`` of ``python -m launch``; ``trace`` of ``python -m data_loader``.
+Downstream commands (embed, finetune, annotate, knn, report, genept, langcell, interpret) are those of
+``python -m evaluate``; build / inspect / verify of ``python -m sharding``; pretrain / export /
+import-weights / export-weights of ``python -m train``; ``launch`` of ``python -m launch``; ``trace`` of ``python -m data_loader``.
 """
 from __future__ import annotations
 
 import sys
 
-EVALUATE = ("embed", "finetune", "annotate", "knn", "report", "genept", "langcell")
+EVALUATE = ("embed", "finetune", "annotate", "knn", "report", "genept", "langcell", "interpret")
 SHARDING = ("build", "inspect", "verify")
-TRAIN = ("pretrain", "export")
+TRAIN = ("pretrain", "export", "import-weights", "export-weights")
 
 
 def _version() -> str:

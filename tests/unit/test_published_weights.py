@@ -334,6 +334,12 @@ def test_bad_checkpoints_end_with_one_line_and_no_output(tmp_path, capsys):
         assert not out.exists(), name
         assert not list(tmp_path.glob(f".{out.name}*")), name
     assert not (tmp_path / "PAYLOAD_RAN").exists()
+    from scpretrain.cli import main as scpretrain_main  # the installed command reaches the same code
+
+    args, expected = cases["pickled callable"]
+    assert scpretrain_main(["import-weights", *args, "--out", str(tmp_path / "via-cli")]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "via-cli").exists()
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
     # the payload is real: an unrestricted load would have run it
     torch.load(tmp_path / "evil.pth", weights_only=False)
     assert (tmp_path / "PAYLOAD_RAN").exists()
