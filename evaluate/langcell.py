@@ -25,7 +25,6 @@ sentence-transformers directory), loaded with the Hugging Face hub switched off.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
@@ -42,7 +41,7 @@ from torch import nn
 
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.longtail import Criterion
-from scpretrain.evaluate.options import ReadOptions
+from scpretrain.evaluate.options import ReadOptions, split_options
 from scpretrain.evaluate.vectors import read_vectors
 
 FORMAT_VERSION = 1
@@ -353,13 +352,8 @@ def _split_langcell_options(read: ReadOptions | None, options: dict[str, Any]) -
 
     trains = [n for n in inspect.signature(fit_langcell).parameters if n not in (
         "cell_emb", "labels", "encoder", "descriptions", "template", "seed", "export_info")]
-    read_names = {f.name for f in dataclasses.fields(ReadOptions)}
-    unknown = sorted(set(options) - read_names - set(trains))
-    if unknown:
-        raise EvaluateError(f"langcell_annotate: unknown option(s) {unknown}; reading options "
-                            f"{sorted(read_names)}; training options {trains}")
-    read = dataclasses.replace(read or ReadOptions(), **{k: v for k, v in options.items() if k in read_names})
-    return read, {k: v for k, v in options.items() if k not in read_names}
+    read, _ = split_options("langcell_annotate", read, None, options, fits=False, other_training=trains)
+    return read, {k: v for k, v in options.items() if k in trains}
 
 
 def langcell_annotate(

@@ -8,6 +8,7 @@ function is about (``head``, ``mode``, ``threshold``, ...) stays an argument of 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -74,16 +75,18 @@ class FitOptions:
 
 
 def split_options(where: str, read: ReadOptions | None, fit: FitOptions | None, given: dict[str, Any],
-                  reads: bool = True, fits: bool = True) -> tuple[ReadOptions, FitOptions]:
+                  reads: bool = True, fits: bool = True,
+                  other_training: Sequence[str] = ()) -> tuple[ReadOptions, FitOptions]:
     """``read`` and ``fit`` (default: the defaults) with the keyword arguments ``given`` sorted into them by
-    name; a name neither takes is refused here, naming ``where`` and the names it takes."""
+    name; a name neither takes is refused here, naming ``where`` and the names it takes. ``other_training``:
+    the names another trainer takes instead of ``FitOptions`` (accepted, left in ``given`` for the caller)."""
     r_names = [f.name for f in fields(ReadOptions)] if reads else []
-    f_names = [f.name for f in fields(FitOptions)] if fits else []
+    f_names = [f.name for f in fields(FitOptions)] if fits else list(other_training)
     unknown = sorted(set(given) - set(r_names) - set(f_names))
     if unknown:
         known = ("reading options " + str(r_names) if r_names else "") + (
             ("; " if r_names and f_names else "") + ("training options " + str(f_names) if f_names else ""))
         raise EvaluateError(f"{where}: unknown option(s) {unknown}; {known}")
     read = replace(read if read is not None else ReadOptions(), **{k: v for k, v in given.items() if k in r_names})
-    fit = replace(fit if fit is not None else FitOptions(), **{k: v for k, v in given.items() if k in f_names})
-    return read, fit
+    fit_given = {k: v for k, v in given.items() if k in f_names} if fits else {}
+    return read, replace(fit if fit is not None else FitOptions(), **fit_given)

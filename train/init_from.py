@@ -22,9 +22,8 @@ def gene_rows(src: list[tuple[str, str]], dst: list[tuple[str, str]]) -> tuple[n
     pairs, taken = [], set()
     for j, (g, s) in enumerate(dst):
         i = by_id.get(normalize_gene_id(g))
-        if i is None:
-            i = by_sym.get(s.upper()) if s else None
-            i = i if i is None else (i if i not in taken else None)
+        if i is None and s:
+            i = by_sym.get(s.upper())
         if i is not None and i not in taken:
             taken.add(i)
             pairs.append((j, i))

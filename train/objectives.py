@@ -150,33 +150,22 @@ def gene_mask(x: torch.Tensor, masked: torch.Tensor, rescale: bool) -> torch.Ten
 
 def mae_random_mask(model: Model, x: torch.Tensor, gen: torch.Generator, mask_prob: float,
                     reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
-    """Random masking (p), kept inputs rescaled by 1/(1-p); MSE over masked entries.
-
-    ``reference_divisor`` divides by all entries as the reference code did (not the paper).
-    """
-    inp, mask = random_mask(x, gen, mask_prob)
-    loss = masked_mse(model(inp), x, mask, reference_divisor)
-    return loss, {"masked_frac": mask.float().mean().detach()}
-
-
-def mae_gene_mask(model: Model, x: torch.Tensor, masked: torch.Tensor, rescale: bool,
-                  reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
-    """Mask the genes where ``masked`` (bool [G]) in every cell and reconstruct them (``gene_mask``)."""
-    loss = masked_mse(model(gene_mask(x, masked, rescale)), x, masked, reference_divisor)
-    return loss, {"masked_frac": masked.float().mean().detach()}
+    """Random masking (p), kept inputs rescaled by 1/(1-p); MSE over masked entries (``reference_divisor``:
+    divided by all entries, as the reference code did, not the paper)."""
+    return MaskedReconstruction("random_mask", mask_prob, reference_divisor=reference_divisor).loss(model, {"x": x}, gen)
 
 
 def mae_gene_programme(model: Model, x: torch.Tensor, gen: torch.Generator, progs: Programmes, rate: float,
                        reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
-    return mae_gene_mask(model, x, programme_mask(progs, gen, rate), True, reference_divisor)
+    return MaskedReconstruction("gene_programme", programmes=progs, programme_rate=rate,
+                                reference_divisor=reference_divisor).loss(model, {"x": x}, gen)
 
 
 def mae_isolated(model: Model, x: torch.Tensor, gen: torch.Generator, progs: Programmes,
                  reference_divisor: bool = False) -> tuple[torch.Tensor, dict]:
-    """Keep one programme, reconstruct every other gene. No rescale: the input is one programme,
-    not a thinned cell, and 1/(1 - masked share) would multiply it a hundredfold."""
-    keep, _ = isolated_keep(progs, gen)
-    return mae_gene_mask(model, x, ~keep, False, reference_divisor)
+    """Keep one programme, reconstruct every other gene (``MaskedReconstruction``, kind isolated)."""
+    return MaskedReconstruction("isolated", programmes=progs, reference_divisor=reference_divisor).loss(
+        model, {"x": x}, gen)
 
 
 def _bins_mask(tokens, expressed, gen, mask_prob, keep_prob):
@@ -384,9 +373,11 @@ class MaskedReconstruction(Objective):
         """(input, mask), the mask [B, G] or [G] (True = masked), drawn from ``gen``."""
         if self.name == "random_mask":
             return random_mask(x, gen, self.mask_prob)
-        progs = self.programmes.to(x.device) if self.programmes is not None else None
-        if progs is None:
+        if self.programmes is None:
             raise ValueError(f"objective.gmt: objective.kind={self.name!r} needs a GMT file of gene programmes")
+        if self.programmes.genes.device != x.device:  # moved once, not at every step
+            self.programmes = self.programmes.to(x.device)
+        progs = self.programmes
         if self.name == "gene_programme":
             masked = programme_mask(progs, gen, self.programme_rate)
             return gene_mask(x, masked, True), masked
