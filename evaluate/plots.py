@@ -146,3 +146,32 @@ def plot_top_genes(mean: np.ndarray, types: list[str], symbols: list[str], table
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def plot_integration(table: Any, path: str | Path, title: str = "") -> Path:
+    """Grouped bars: each integration metric (and the batch / bio / total aggregates, after a gap), one
+    bar per embedding (a row of ``table``, a DataFrame from ``evaluate.integrate``)."""
+    metrics = [c for c in table.columns if c not in ("batch", "bio", "total")]
+    cols = [*metrics, "", "batch", "bio", "total"]
+    names = [str(i) for i in table.index]
+    width = 0.8 / max(len(names), 1)
+    fig = Figure(figsize=(max(7.0, 0.6 * len(cols) * max(1, len(names)) ** 0.5 + 3), 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = _palette(names)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i, c in enumerate(cols) if c]
+        ys = [float(table.loc[name, c]) for c in cols if c]
+        ax.bar(xs, ys, width=width, color=colours[name], label=name)
+    ax.set_xticks([i for i, c in enumerate(cols) if c], [c for c in cols if c], rotation=40, ha="right",
+                  fontsize=8)
+    ax.axvline(len(metrics), color="0.7", lw=0.8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (higher is better)")
+    ax.set_title(title or "integration (scIB metrics; total = 0.4 batch + 0.6 bio)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

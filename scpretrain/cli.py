@@ -7,7 +7,7 @@
     scpretrain import-weights --from scbert --checkpoint panglao_pretrain.pth --genes genes.txt --out EXPORT
     scpretrain --version
 
-Downstream commands (embed, finetune, annotate, knn, report, genept, langcell, interpret) are those of
+Downstream commands (embed, finetune, annotate, knn, report, genept, langcell, interpret, integrate) are those of
 ``python -m evaluate``; build / inspect / verify of ``python -m sharding``; pretrain / export /
 import-weights / export-weights of ``python -m train``; ``launch`` of ``python -m launch``; ``trace`` of ``python -m data_loader``.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-EVALUATE = ("embed", "finetune", "annotate", "knn", "report", "genept", "langcell", "interpret")
+EVALUATE = ("embed", "finetune", "annotate", "knn", "report", "genept", "langcell", "interpret", "integrate")
 SHARDING = ("build", "inspect", "verify")
 TRAIN = ("pretrain", "export", "import-weights", "export-weights")
 

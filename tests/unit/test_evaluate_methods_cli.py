@@ -92,9 +92,10 @@ def test_cli_langcell_zero_shot_with_a_label_file_then_a_saved_head(files, tmp_p
 BOUNDARY = textwrap.dedent("""
     import sys
     import scpretrain.evaluate.__main__, scpretrain.evaluate.genept, scpretrain.evaluate.langcell
-    import scpretrain.evaluate.longtail, scpretrain.evaluate.vectors
+    import scpretrain.evaluate.longtail, scpretrain.evaluate.vectors, scpretrain.evaluate.integrate
+    import scpretrain.evaluate.text
     bad = {m.partition(".")[0] for m in sys.modules} & {"deepspeed", "tiledbsoma", "zarr", "train",
-                                                         "sentence_transformers"}
+                                                         "sentence_transformers", "jax", "scib_metrics"}
     bad |= {m for m in sys.modules if m.startswith(("scpretrain.train", "scpretrain.sharding", "scpretrain.launch"))}
     assert not bad, bad
     print("boundary ok")
