@@ -43,6 +43,12 @@ class SentenceModel:
         except ImportError:
             raise EvaluateError(f"sentence model {spec!r}: the sentence-transformers package is not "
                                 f"installed; {INSTALL}") from None
+        try:  # a progress bar per weight file of a 90 MB model is noise on the command line
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
         self.model = SentenceTransformer(str(path), device=device or "cpu", local_files_only=True)
 
     @property
