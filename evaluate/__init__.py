@@ -23,8 +23,11 @@ trains); the rest lives in the submodules (``evaluate.classifier``,
 
 Methods from the field (issue 8): ``FitOptions(loss="gaussian_inflation", hard_mining=True)``
 for rare cell types (``evaluate.longtail``); ``evaluate.genept.genept_embed`` / ``genept_annotate``,
-the GenePT-w baseline from a per-gene embedding file; ``evaluate.langcell.langcell_annotate``,
-zero-shot labels from label-text embeddings.
+the GenePT-w baseline from a per-gene embedding file, and ``genept_s_embed`` / ``genept_annotate(mode=
+"sentence")``, GenePT-s (cells as gene-symbol sentences, a local text model); ``evaluate.langcell.
+langcell_annotate``, zero-shot labels from label-text embeddings. Judging embeddings:
+``evaluate.integrate.integrate`` (scIB's batch-correction and bio-conservation metrics beside a PCA
+baseline) and ``evaluate.interpret.interpret`` (the genes that drive each type).
 """
 from scpretrain.evaluate.annotate import annotate
 from scpretrain.evaluate.embedding import embed
