@@ -140,15 +140,17 @@ def _scaled_lisi(sm: Any, knn: Any, codes: np.ndarray, what: str) -> float:
     lisi = np.asarray(sm.lisi_knn(knn, codes))
     failed = int((lisi < 0).sum())
     if failed > 0.05 * len(lisi):
-        raise EvaluateError(f"LISI of {what}: the neighbourhood of {failed:,} of {len(lisi):,} cells is degenerate "
-                            "(tied distances, e.g. duplicated cells, or more tied nearest neighbours than the "
-                            f"perplexity {knn.indices.shape[1] // 3}); drop duplicated cells or use more neighbours")
+        raise EvaluateError(f"LISI of {what}: the neighbourhood of {failed:,} of {len(lisi):,} cells is "
+                            "degenerate (tied distances, e.g. duplicated cells, or more tied nearest neighbours "
+                            f"than the perplexity {knn.indices.shape[1] // 3}); drop duplicated cells or use more "
+                            "neighbours")
     n = len(np.unique(codes))
     med = float(np.nanmedian(lisi))
     return (med - 1) / (n - 1) if what == "batches" else (n - med) / (n - 1)
 
 
-def integration_metrics(emb: np.ndarray, g: Groups, n_neighbors: int = N_NEIGHBORS, verbose: bool = False) -> dict[str, float]:
+def integration_metrics(emb: np.ndarray, g: Groups, n_neighbors: int = N_NEIGHBORS,
+                        verbose: bool = False) -> dict[str, float]:
     """The nine metrics and three aggregates of one embedding (see the module docstring); scib-metrics'
     k-means (NMI/ARI) is seeded inside the library, so a call is deterministic."""
     sm = _scib()
