@@ -155,7 +155,7 @@ def plot_integration(table: Any, path: str | Path, title: str = "") -> Path:
     cols = [*metrics, "", "batch", "bio", "total"]
     names = [str(i) for i in table.index]
     width = 0.8 / max(len(names), 1)
-    fig = Figure(figsize=(max(7.0, 0.6 * len(cols) * max(1, len(names)) ** 0.5 + 3), 4.2), dpi=120)
+    fig = Figure(figsize=(min(14.0, 4.0 + 0.35 * len(cols) * max(1, len(names)) ** 0.5), 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colours = _palette(names)
