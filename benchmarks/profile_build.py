@@ -28,14 +28,14 @@ STAGES = {
     "align to the vocabulary": [("vocab.py", "apply")],
     "min-genes filter": [("validate.py", "genes_per_cell")],
     "obs columns (derive, encode)": [("obs.py", "derive"), ("spool.py", "encode")],
-    "deal cells to shards": [("build.py", "deal")],
+    "deal cells to shards": [("tasks.py", "deal")],
     "spool write (pass 1)": [("spool.py", "add"), ("spool.py", "flush")],
     "spool read (pass 2)": [("spool.py", "read")],
     "Zarr encode + write": [("zarr_store.py", "write_shard")],
     "fsync shards": [("atomic.py", "fsync_tree")],
     "checksums (sha256 of every chunk)": [("manifest.py", "shard_sha256")],
     "SOMA write (tiledbsoma)": [("soma_store.py", "write_rows"), ("soma_store.py", "create_experiment")],
-    "manifest + summary": [("assemble.py", "assemble_manifest"), ("build.py", "_print_summary")],
+    "manifest + summary (incl. the sources' sha256)": [("tasks.py", "finish"), ("build.py", "_print_summary")],
 }
 
 
@@ -53,8 +53,9 @@ def stage_seconds(stats: pstats.Stats) -> dict[str, float]:
 
 def profile_one(src: Path, fmt: str, work: Path) -> tuple[float, dict[str, float], pstats.Stats]:
     from scpretrain.sharding import build as build_mod
+    from scpretrain.sharding import tasks
 
-    build_mod.READ_AHEAD = 0
+    tasks.READ_AHEAD = 0  # sharding.tasks runs the phases
     out = work / f"corpus_{fmt}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = build_mod.BuildConfig(sources=[str(src)], out=out, format=fmt, keep_obs=["cell_type"], jobs=1,

@@ -5,6 +5,10 @@
   python -m sharding build --source 'soma://atlas.soma?measurement=RNA&layer=raw&filter=tissue == "lung"' ...
   python -m sharding build --source census:homo_sapiens --census-uri /data/census \
       --census-filter "tissue_general == 'lung' and is_primary_data == True" --out corpus/
+  # one build as independent tasks (a SLURM array: launch/build_corpus.sbatch), identical to the one-process build
+  python -m sharding build --source 'data/*.h5ad' --out corpus/ --plan --tasks 16
+  python -m sharding build --out corpus/ --task 3 --phase 1     # every task, then every task of phase 2
+  python -m sharding build --out corpus/ --finish
   python -m sharding inspect corpus/
   python -m sharding verify corpus/      # exit 0 and "OK", or 1 naming each bad shard
 
@@ -24,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sharding", description="Build, inspect and verify corpora.")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a corpus from sources")
-    b.add_argument("--source", action="append", required=True, metavar="SPEC",
+    b.add_argument("--source", action="append", default=[], metavar="SPEC",
                    help="an .h5ad path or glob; a 10x matrix.mtx directory or CellRanger .h5 (globs too); "
                         "soma://PATH[?measurement=RNA&layer=raw&filter=EXPR]; "
                         "census:ORGANISM[?uri=&version=&filter=EXPR]; or "
@@ -69,6 +73,14 @@ def _parser() -> argparse.ArgumentParser:
                         "corpora of 100k cells or more)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    t = b.add_argument_group("a build as independent tasks (the result is identical to the one-process build)")
+    t.add_argument("--plan", action="store_true",
+                   help="check the inputs and write the task list (DIR/.build/plan.json); with --tasks N")
+    t.add_argument("--tasks", type=int, default=1, metavar="N", help="phase-1 and phase-2 tasks of --plan")
+    t.add_argument("--task", type=int, default=None, metavar="I",
+                   help="run task I of --phase 1 (read, deal, spool) or 2 (write shards); needs only --out")
+    t.add_argument("--phase", type=int, choices=(1, 2), default=None, help="the phase of --task")
+    t.add_argument("--finish", action="store_true", help="check every task is done and publish the manifest")
     i = sub.add_parser("inspect", help="print a summary of a corpus")
     i.add_argument("dir", type=Path)
     v = sub.add_parser("verify", help="check a corpus against its manifest")
@@ -77,8 +89,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from scpretrain.sharding.build import BuildConfig, build
+    from scpretrain.sharding.build import BuildConfig, build, finish_build, plan_build, run_task
 
+    if args.task is not None or args.finish:
+        if args.plan or args.source:
+            raise InputError("--task / --finish read everything from the plan: pass only --out (and --phase)")
+        if args.finish:
+            finish_build(args.out)
+        elif args.phase is None:
+            raise InputError("--task I needs --phase 1 or --phase 2")
+        else:
+            run_task(args.out, args.task, args.phase, jobs=args.jobs)
+        return 0
+    if not args.source:
+        raise InputError("no --source given; pass --source PATH.h5ad or --source synthetic://cells=1000")
     cfg = BuildConfig(
         sources=args.source, out=args.out, vocab=args.vocab, format=args.format,
         cells_per_shard=args.cells_per_shard, keep_obs=[c for c in args.keep_obs.split(",") if c],
@@ -88,7 +112,10 @@ def _build(args: argparse.Namespace) -> int:
         allow_non_integer=args.allow_non_integer, overwrite=args.overwrite, census_uri=args.census_uri,
         census_version=args.census_version, census_filter=args.census_filter, jobs=args.jobs,
         progress=False if args.no_progress else None)
-    build(cfg)
+    if args.plan:
+        plan_build(cfg, args.tasks)
+    else:
+        build(cfg)
     return 0
 
 

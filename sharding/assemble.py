@@ -12,7 +12,7 @@ from scpretrain.sharding import zarr_store
 from scpretrain.sharding.validate import parse_holdout
 
 if TYPE_CHECKING:
-    from scpretrain.sharding.build import BuildConfig
+    from scpretrain.sharding.config import BuildConfig
     from scpretrain.sharding.vocab import Vocab
 
 COUNTED = ("cell_type", "dataset_id", "split")  # per-shard tallies summed into the manifest

@@ -51,10 +51,11 @@ class SyntheticSource(Source):
                          obs_columns=["cell_type", "dataset_id", "donor_id"])
         self.atlas = SyntheticAtlas(params)
 
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
-        for start in range(0, self.n_cells, rows):
-            counts, obs = self.atlas.generate(start, start + rows)
-            yield Block(start, counts, obs[[c for c in columns if c in obs.columns]])
+    def blocks(self, rows: int, columns: list[str], start: int = 0, stop: int | None = None) -> Iterator[Block]:
+        stop = self.n_cells if stop is None else min(stop, self.n_cells)
+        for first in range(start, stop, rows):
+            counts, obs = self.atlas.generate(first, min(first + rows, stop))
+            yield Block(first, counts, obs[[c for c in columns if c in obs.columns]])
 
 
 def open_sources(specs: list[str], *, matrix: str | None, vocab: Vocab | None,

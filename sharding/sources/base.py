@@ -46,7 +46,9 @@ class Source:
         """Source cell ids for the duplicate check; None when unique by construction."""
         return None
 
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+    def blocks(self, rows: int, columns: list[str], start: int = 0, stop: int | None = None) -> Iterator[Block]:
+        """Rows [start, stop) in blocks of ``rows`` (``start`` a multiple of ``rows``; the last block of the
+        range ends at ``stop``): a build task reads only its own range."""
         raise NotImplementedError
 
     def files(self) -> list[Path]:

@@ -53,12 +53,13 @@ class H5adSource(Source):
     def cell_ids(self) -> pd.Index:
         return pd.Index(self._read_obs_elem(self._obs_index_key)).astype(str)
 
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+    def blocks(self, rows: int, columns: list[str], start: int = 0, stop: int | None = None) -> Iterator[Block]:
         names = self.cell_ids()
         obs = pd.DataFrame({c: self._read_obs_elem(c) for c in columns if c in self.obs_columns}, index=names)
-        for start in range(0, self.n_cells, rows):
-            stop = min(start + rows, self.n_cells)
-            yield Block(start, self._matrix.rows(start, stop), obs.iloc[start:stop])
+        end = self.n_cells if stop is None else min(stop, self.n_cells)
+        for first in range(start, end, rows):
+            last = min(first + rows, end)
+            yield Block(first, self._matrix.rows(first, last), obs.iloc[first:last])
 
     def close(self) -> None:
         self.file.close()

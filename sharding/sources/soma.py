@@ -109,10 +109,11 @@ class SomaSource(Source):
     def provenance(self) -> dict[str, Any]:
         return {"uri": self.uri, "measurement": self.measurement, "layer": self.layer, "filter": self.filter}
 
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+    def blocks(self, rows: int, columns: list[str], begin: int = 0, stop: int | None = None) -> Iterator[Block]:
         wanted = [c for c in columns if c in self.obs_columns]
-        for start in range(0, self.n_cells, rows):
-            ids = self.ids[start:start + rows]
+        end = self.n_cells if stop is None else min(stop, self.n_cells)
+        for start in range(begin, end, rows):
+            ids = self.ids[start:min(start + rows, end)]
             try:
                 csr = self._counts(ids)
                 obs = self._obs(ids, wanted)

@@ -130,8 +130,17 @@ class TenxMtxSource(Source):
     def cell_ids(self) -> pd.Index:
         return self.barcodes
 
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
-        """Cells in order; streamed when the entries are grouped by barcode, else read whole."""
+    def blocks(self, rows: int, columns: list[str], start: int = 0, stop: int | None = None) -> Iterator[Block]:
+        """Cells in order; streamed when the entries are grouped by barcode, else read whole. A text file
+        cannot seek: a range is read from the top and its blocks kept."""
+        end = self.n_cells if stop is None else stop
+        for block in self._all_blocks(rows):
+            if block.start >= end:
+                return
+            if block.start >= start:
+                yield block
+
+    def _all_blocks(self, rows: int) -> Iterator[Block]:
         buf = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float64),)
         next_start, seen, last = 0, 0, -1
         chunks = self._chunks()
@@ -270,10 +279,11 @@ class TenxH5Source(Source):
     def cell_ids(self) -> pd.Index:
         return self.barcodes
 
-    def blocks(self, rows: int, columns: list[str]) -> Iterator[Block]:
+    def blocks(self, rows: int, columns: list[str], begin: int = 0, end: int | None = None) -> Iterator[Block]:
         n_source = self.features.n_source
-        for start in range(0, self.n_cells, rows):
-            stop = min(start + rows, self.n_cells)
+        end = self.n_cells if end is None else min(end, self.n_cells)
+        for start in range(begin, end, rows):
+            stop = min(start + rows, end)
             a, b = int(self._indptr[start]), int(self._indptr[stop])
             try:
                 data, indices = self._data[a:b], self._indices[a:b].astype(np.int64)

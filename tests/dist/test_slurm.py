@@ -107,3 +107,37 @@ def test_preempted_job_is_requeued_and_resumes_exactly_twice(slurm, tmp_path, sm
     assert all(f"resumed at step {s}" in log for s in stops) and "(restart 2)" in log
     losses = [r["loss"] for r in metrics(run) if "loss" in r]
     assert losses == reference  # every step once, the same cells as an uninterrupted run
+
+
+def test_corpus_build_as_array_jobs_equals_the_one_process_build(slurm, tmp_path):
+    """launch/build_corpus.sbatch as documented: --plan, a phase-1 array, a phase-2 array after it, the
+    finish after that; the published corpus is the one-process build's (same shards, same checksums)."""
+    from scpretrain.sharding.build import BuildConfig, build
+
+    src = ["--source", "synthetic://cells=3000,genes=200,density=0.05,types=4,datasets=3"]
+    ref = build(BuildConfig(sources=[src[1]], out=tmp_path / "ref", cells_per_shard=500, progress=False),
+                log=lambda _m: None)
+    out = tmp_path / "arr"
+    py = [sys.executable, "-m", "scpretrain.sharding", "build", "--out", str(out)]
+    subprocess.run([*py, *src, "--cells-per-shard", "500", "--plan", "--tasks", "3"], env=slurm, check=True,
+                   cwd=REPO, capture_output=True)
+
+    def sbatch(*args: str) -> str:
+        p = subprocess.run(["sbatch", "--parsable", "--cpus-per-task", "1", "--chdir", str(REPO),
+                            "--output", str(tmp_path / "build-%A_%a.out"), *args], env=slurm,
+                           capture_output=True, text=True, check=True)
+        return p.stdout.strip().split(";")[0]
+
+    p1 = sbatch("--array=0-2", "launch/build_corpus.sbatch", str(out), "1")
+    p2 = sbatch("--array=0-2", f"--dependency=afterok:{p1}", "launch/build_corpus.sbatch", str(out), "2")
+    sbatch(f"--dependency=afterok:{p2}", "launch/build_corpus.sbatch", str(out), "finish")
+    try:
+        wait_for(lambda: (out / "manifest.json").exists(), 300, "the finish job")
+    except AssertionError as e:
+        logs = " | ".join(f"{p.name}: {p.read_text()[-400:]}" for p in sorted(tmp_path.glob("build-*.out")))
+        raise AssertionError(f"{e}; job logs: {logs}") from None
+    got = json.loads((out / "manifest.json").read_text())
+    assert [s["sha256"] for s in got["zarr"]["shards"]] == [s["sha256"] for s in ref["zarr"]["shards"]]
+    assert {k: v for k, v in got.items() if k != "created"} == {k: v for k, v in ref.items() if k != "created"}
+    logs = "".join(p.read_text() for p in tmp_path.glob("build-*.out"))
+    assert all(f"phase {ph}, task {t}" in logs for ph in (1, 2) for t in range(3))

@@ -188,7 +188,7 @@ def test_resume_after_crash_keeps_finished_shards(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(build_mod.zarr_store, "write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         build(cfg, log=lambda s: None)
-    assert not (out / "manifest.json").exists() and (out / ".build" / "pass1.json").exists()
+    assert not (out / "manifest.json").exists() and (out / ".build" / "p1-00000.json").exists()  # phase 1 done
     finished = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "zarr").glob("*.zarr"))}
     assert len(finished) == 2
 
