@@ -201,6 +201,18 @@ def run_compare(args: argparse.Namespace, work: Path) -> list[Run]:
         runs.append(measure(name, cmd, cells=args.cells, out=out / fmt, log=work / "logs" / f"{out.name}.log",
                             notes="validate, align, shuffle across shards, checksum"))
         _clean(out, args.keep)
+    # the same Zarr build split into 3 tasks (issue 17), run one after another here: what the split costs
+    out = work / "out" / "ours-zarr-3tasks"
+    shutil.rmtree(out, ignore_errors=True)
+    sb = " ".join(_py("-m", "sharding", "build", "--out", str(out)))
+    chain = [f"{sb} --source {source} --plan --tasks 3 --no-progress"]
+    chain += [f"{sb} --task {t} --phase {ph} --no-progress" for ph in (1, 2) for t in range(3)]
+    chain += [f"{sb} --finish"]
+    runs.append(measure("ours: Zarr shards, split into 3 tasks (plan, 3 + 3 tasks, finish; in turn)",
+                        ["bash", "-c", " && ".join(chain)], cells=args.cells, out=out / "zarr",
+                        log=work / "logs" / "ours-zarr-3tasks.log",
+                        notes="8 processes in turn; identical shards to the one-process build"))
+    _clean(out, args.keep)
     if not args.skip_baselines:
         for name, kind, suffix in (("anndata: read_h5ad + write_zarr", "write_zarr", ".zarr"),
                                    ("tiledbsoma: read_h5ad + io.from_anndata", "from_anndata", ".soma")):
