@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                         "is_primary_data == True\"")
     b.add_argument("--overwrite", action="store_true", help="rebuild over an existing corpus")
     b.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="processes writing shards in pass 2 (default 1; 0: one per core, at most 4, for "
-                        "corpora of 100k cells or more)")
+                   help="processes: phase 1 runs as N tasks and N processes write shards (default 1; 0: one per "
+                        "core, at most 4, for corpora of 100k cells or more); the corpus is the same for any N")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = b.add_argument_group("a build as independent tasks (the result is identical to the one-process build)")

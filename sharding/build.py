@@ -42,12 +42,14 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict[str, Any
     check_config(cfg)
     out = Path(cfg.out)
     _prepare_out(out, cfg.overwrite)
-    tasks.make_plan(cfg, 1, log)
+    # --jobs N: phase 1 as N tasks (the corpus is the same for every N), phase 2 in N processes
+    plan = tasks.make_plan(cfg, cfg.jobs, log)
     build_dir = out / ".build"
-    if (build_dir / "p1-00000.json").exists():
+    todo = [t for t in range(plan["tasks"]) if not (build_dir / f"p1-{t:05d}.json").exists()]
+    if not todo:
         log(f"{out}: resuming: phase 1 complete, {len(done_shards(build_dir))} shards already written")
     try:
-        tasks.run_phase1(out, 0, log)
+        tasks.run_phase1_many(out, todo, plan["tasks"], log)
         tasks.run_phase2(out, None, log, jobs=cfg.jobs)
     except InputError:  # bad values, or no cell left: the spool is useless
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -60,6 +62,13 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict[str, Any
 def plan_build(cfg: BuildConfig, n_tasks: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``--plan --tasks N``: check the inputs and write the task list (DIR/.build/plan.json)."""
     check_config(cfg)
+    if n_tasks < 1:
+        raise InputError(f"--tasks {n_tasks}: must be >= 1")
+    if n_tasks > 1 and cfg.format != "zarr":
+        raise InputError(f"--tasks {n_tasks} with --format {cfg.format}: a build split into tasks writes Zarr "
+                         "shards only (phase-2 tasks on many nodes cannot share the creation of one SOMA "
+                         "experiment); build SOMA in one process (no --plan; --jobs N still runs phase 1 as N "
+                         "tasks), or pass --format zarr")
     _prepare_out(Path(cfg.out), cfg.overwrite)
     plan = tasks.make_plan(cfg, n_tasks, log)
     log(f"{cfg.out}: planned {plan['tasks']} task(s) over {plan['n_in']:,} cells and {plan['n_shards']} shards; "

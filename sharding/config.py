@@ -34,7 +34,7 @@ class BuildConfig:
     seed: int = 0
     min_coverage: float = 0.5
     allow_non_integer: bool = False
-    jobs: int = 1  # pass-2 worker processes; 0: auto (see pass2_jobs)
+    jobs: int = 1  # phase-1 tasks and phase-2 worker processes; 0: auto (see pass2_jobs); same corpus for any
     census_uri: str | None = None
     census_version: str | None = None
     census_filter: str | None = None

@@ -116,13 +116,9 @@ class Dealer:
 
 def make_plan(cfg: BuildConfig, tasks: int, log: Log) -> dict[str, Any]:
     """Check the sources' metadata and write DIR/.build/plan.json (kept when an identical plan exists, so an
-    interrupted build resumes); returns the plan."""
-    if tasks < 1:
-        raise InputError(f"--tasks {tasks}: must be >= 1")
-    if tasks > 1 and cfg.format != "zarr":
-        raise InputError(f"--tasks {tasks} with --format {cfg.format}: a build split into tasks writes Zarr "
-                         "shards only (the SOMA experiment takes one writer); build SOMA in one process "
-                         "(no --plan), or pass --format zarr")
+    interrupted build resumes); returns the plan. ``tasks`` 0: one per core (at most 4) from 100k cells."""
+    if tasks < 0:
+        raise InputError(f"--tasks {tasks}: must be >= 1 (0: one per core, at most 4, from 100k cells)")
     build_dir = Path(cfg.out) / ".build"
     vocab_in = Vocab.from_pairs(mf.read_vocab(cfg.vocab)) if cfg.vocab else None
     sources = open_all(cfg, vocab_in)
@@ -133,8 +129,10 @@ def make_plan(cfg: BuildConfig, tasks: int, log: Log) -> dict[str, Any]:
         vocab = vocab_in or derive_vocab([s.genes for s in sources])
         for s in sources:
             plan_source(s, vocab, cfg, log)
-        key = f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}"
         n_cells = [s.n_cells for s in sources]
+        if tasks == 0:
+            tasks = pass2_jobs(0, sum(n_cells), len(input_blocks(n_cells, cfg.block_rows)))
+        key = f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}"
     finally:
         for s in sources:
             s.close()
@@ -244,6 +242,23 @@ def run_phase1(out: Path, task: int, log: Log) -> dict[str, Any]:  # long: one r
               "holdout_values": sorted(held_out)}
     mf.write_atomic(record_path, json.dumps(record).encode())
     return record
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def run_phase1_many(out: Path, task_ids: list[int], workers: int, log: Log) -> None:
+    """Phase-1 tasks ``task_ids``, ``workers`` processes at a time (spawned: no HDF5 or TileDB state is
+    inherited; each opens the sources it reads)."""
+    if workers <= 1 or len(task_ids) <= 1:
+        for t in task_ids:
+            run_phase1(out, t, log)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(task_ids)), mp_context=ctx) as pool:
+        for future in as_completed([pool.submit(run_phase1, Path(out), t, _silent) for t in task_ids]):
+            future.result()
 
 
 # --- between the phases: the merged state ---------------------------------------------------------------
