@@ -258,11 +258,13 @@ def test_hand_written_chunks_are_the_bytes_zarr_writes(tmp_path: Path, codec: st
             assert (ours / "X" / name / "c" / key).read_bytes() == ref_bytes
 
 
-def test_parallel_pass2_writes_the_same_corpus(tmp_path: Path) -> None:
+def test_parallel_build_writes_the_same_corpus(tmp_path: Path) -> None:
+    """--jobs 2: phase 1 as two tasks in spawned processes (blocks of 256 rows: 3 + 2 blocks), shards written
+    by two workers, one SOMA experiment: the corpus of --jobs 1."""
     from scpretrain.sharding.build import pass2_jobs
 
     cfg = dict(sources=["synthetic://cells=1200,genes=60,density=0.3"], cells_per_shard=300, format="both",
-               progress=False)
+               progress=False, block_rows=256)
     serial = build(BuildConfig(out=tmp_path / "serial", jobs=1, **cfg), log=lambda s: None)
     parallel = build(BuildConfig(out=tmp_path / "parallel", jobs=2, **cfg), log=lambda s: None)
     checksums = [s["sha256"] for s in serial["zarr"]["shards"]]
