@@ -164,6 +164,13 @@ def read_plan(out: Path | str, missing_ok: bool = False) -> dict[str, Any] | Non
                          "--tasks N` first") from None
 
 
+def check_unchanged(plan: dict[str, Any], cfg: BuildConfig, sources: list[Source], vocab: Vocab) -> None:
+    """A task reads the inputs the plan checked: same files (size, mtime), options and vocabulary."""
+    if f"{fingerprint(cfg, sources, vocab)}/tasks={plan['tasks']}" != plan["fingerprint"]:
+        raise InputError(f"{cfg.out}: the sources changed since --plan (a file's size or time differs); run "
+                         "--plan again (with --overwrite if a corpus was published)")
+
+
 def _task_path(build_dir: Path, task: int) -> Path:
     return build_dir / f"p1-{task:05d}.json"
 
@@ -198,6 +205,12 @@ def run_phase1(out: Path, task: int, log: Log) -> dict[str, Any]:  # long: one r
     per_source: dict[int, list[int]] = {}
     held_out: set[str] = set()
     sources = open_all(cfg, vocab)
+    try:
+        check_unchanged(plan, cfg, sources, vocab)
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
     n_rows = sum(blocks[g][2] - blocks[g][1] for g in mine)
     bar = tqdm(total=n_rows, unit="cells", desc=f"phase 1 task {task} (read, validate, deal)",
                disable=None if cfg.progress is None else not cfg.progress)
@@ -206,9 +219,10 @@ def run_phase1(out: Path, task: int, log: Log) -> dict[str, Any]:  # long: one r
             mine_k = [g for g in mine if blocks[g][0] == k]
             splan = plan_source(sources[k], vocab, cfg, lambda _m: None)
             start, stop = blocks[mine_k[0]][1], blocks[mine_k[-1]][2]
-            faults, kept_n, dropped_n = ValueFaults(), 0, 0
+            faults, kept_n, dropped_n, rows_seen = ValueFaults(), 0, 0, 0
             for g, block in zip(mine_k, read_ahead(prepared(splan, cfg, start, stop), depth=READ_AHEAD)):
                 bar.update(block.n_in)
+                rows_seen += block.n_in
                 dest = dealer.deal(g, block.n_in)
                 faults.merge(block.faults)
                 if not faults.is_clean(cfg.allow_non_integer) or block.counts is None:
@@ -223,6 +237,9 @@ def run_phase1(out: Path, task: int, log: Log) -> dict[str, Any]:  # long: one r
                                    minlength=dealer.n_shards).astype(np.int64)
                 kept_n += int(keep.sum())
                 dropped_n += int((~keep).sum())
+            if rows_seen != stop - start:
+                raise InputError(f"{splan.source.spec}: {rows_seen} of rows {start}-{stop} could be read; the "
+                                 "source changed since --plan (run --plan again)")
             faults.raise_if_bad(file=splan.source.spec, matrix=splan.source.matrix,
                                 allow_non_integer=cfg.allow_non_integer)
             per_source[k] = [kept_n, dropped_n]

@@ -126,3 +126,14 @@ def test_dealing_is_a_function_of_the_block_alone():
     cuts = cut_tasks(n_cells, rows, 4)
     assert sum(cuts, []) == list(range(len(blocks))) and all(cuts)
     assert cut_tasks([10], 64, 3) == [[0], [], []]  # more tasks than blocks: the extra ones are empty
+
+
+def test_a_task_refuses_sources_changed_since_the_plan(sources, tmp_path):
+    src = tmp_path / "a.h5ad"
+    src.write_bytes(Path(sources[0]).read_bytes())
+    out = tmp_path / "c"
+    plan_build(config([str(src)], out), 2, log=lambda _m: None)
+    run_task(out, 0, 1, log=lambda _m: None)
+    write_source(src, 650, [f"GENE{i}" for i in range(60)], 9)  # the file is replaced between the tasks
+    with pytest.raises(InputError, match="the sources changed since --plan"):
+        run_task(out, 1, 1, log=lambda _m: None)
