@@ -177,7 +177,8 @@ def _task_path(build_dir: Path, task: int) -> Path:
 
 # --- phase 1 --------------------------------------------------------------------------------------------
 
-def run_phase1(out: Path, task: int, log: Log) -> dict[str, Any]:  # long: one read-validate-deal loop
+# long: one read-validate-deal loop over the task's blocks, with the checks that make the task redoable
+def run_phase1(out: Path, task: int, log: Log) -> dict[str, Any]:
     """Phase-1 task ``task``: deal and spool its row ranges; returns its record (kept when already done)."""
     plan = read_plan(out)
     cfg = config_from_dict(plan["config"])
