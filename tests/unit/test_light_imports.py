@@ -1,5 +1,6 @@
 """A Zarr-only build and a Zarr-only run without MLflow import neither mlflow nor tiledbsoma (nor the Census
-client): a GPU box or a user's environment needs neither installed for them."""
+client): a GPU box or a user's environment needs neither installed for them. A build does not import torch
+either (~1 s of every build process's start, issue 17)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ BUILD = """
 import json, sys
 from scpretrain.sharding.__main__ import main
 rc = main(sys.argv[1:])
-print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules.items()) if v is not None} & {"mlflow", "tiledbsoma", "cellxgene_census"})), rc)
+print("MODULES", json.dumps(sorted({k.split('.')[0] for k, v in list(sys.modules.items()) if v is not None} & {"mlflow", "tiledbsoma", "cellxgene_census", "torch"})), rc)
 """
 
 
@@ -35,3 +36,16 @@ def test_zarr_build_and_run_without_tracking_import_no_mlflow_and_no_tiledbsoma(
     assert json.loads(line.split(" ", 2)[1]) == [] and line.endswith(" 0")
     assert [json.loads(x)["step"] for x in (tmp_path / "light" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert (tmp_path / "light" / "export" / "model.safetensors").is_file()
+
+
+def test_scmodels_preprocess_is_the_function_after_its_submodule_is_imported():
+    p = run_cli(["-c", "import sys, types\n"
+                 "import scpretrain.scmodels.genes\n"
+                 "assert 'torch' not in sys.modules\n"
+                 "from scpretrain.scmodels.preprocess import PreprocessSpec\n"
+                 "import scpretrain.scmodels as m\n"
+                 "from scpretrain.scmodels import preprocess, build_model\n"
+                 "assert preprocess is m.preprocess and not isinstance(preprocess, types.ModuleType)\n"
+                 "assert callable(build_model) and 'FAMILIES' in dir(m)\n"
+                 "print('OK')"], timeout=120)
+    assert p.stdout.strip().endswith("OK")
