@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from scpretrain.sharding import manifest as mf
 from scpretrain.sharding.config import BuildConfig, keep_columns
 from scpretrain.sharding.obs import ObsPlan, plan_obs
 from scpretrain.sharding.sources import Source
-from scpretrain.sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout
+from scpretrain.sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, small_counts
 from scpretrain.sharding.vocab import Alignment, Vocab, align, check_coverage
 
 
@@ -59,7 +60,7 @@ class Prepared:
 
     n_in: int
     faults: ValueFaults
-    counts: Any = None  # CSR float32 over the vocabulary, kept cells only (None once faults are seen)
+    counts: Any = None  # CSR (uint16 or float32) over the vocabulary, kept cells only (None once faults are seen)
     keep: np.ndarray | None = None
     columns: dict[str, np.ndarray] | None = None
 
@@ -69,17 +70,27 @@ def prepared(plan: SourcePlan, cfg: BuildConfig, start: int = 0, stop: int | Non
     clean = ValueFaults()
     for block in plan.source.blocks(cfg.block_rows, plan.obs.read_columns, start, stop):
         faults = ValueFaults()
-        faults.add(block.counts.data)
+        small = small_counts(block.counts.data)  # the common case, checked in one pass: no faults
+        if small is None:
+            faults.add(block.counts.data)
         clean.merge(faults)
         n = block.counts.shape[0]
         if not clean.is_clean(cfg.allow_non_integer):
             yield Prepared(n, faults)  # only counting bad values from here on
             continue
-        counts = block.counts.astype(np.float32)
-        counts.eliminate_zeros()
+        src = block.counts
+        if small is not None:  # uint16 counts: half the bytes through every later copy and the spool
+            counts = sp.csr_matrix((small, src.indices, src.indptr), shape=src.shape)
+            if np.count_nonzero(small) < small.size:  # explicit zeros: removed in place, so on a copy
+                counts = counts.copy()
+                counts.eliminate_zeros()
+        else:
+            counts = src.astype(np.float32)
+            counts.eliminate_zeros()
         counts = plan.alignment.apply(counts)
         keep = genes_per_cell(counts) >= cfg.min_genes
-        yield Prepared(n, faults, counts[keep], keep, plan.obs.derive(block.obs, n))
+        kept = counts if keep.all() else counts[keep]
+        yield Prepared(n, faults, kept, keep, plan.obs.derive(block.obs, n))
 
 
 def source_stats(plan: SourcePlan, kept: int, dropped: int) -> dict[str, Any]:

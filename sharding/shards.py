@@ -87,7 +87,8 @@ def read_rows(job: ShardJob, shard: int) -> tuple[sp.csr_matrix, np.ndarray, np.
             if len(codes):
                 codes[:, i] = remap[col][codes[:, i]]
         parts.append((csr, rows, codes))
-    csr = sp.vstack([p[0] for p in parts], format="csr", dtype=np.float32) if len(parts) > 1 else parts[0][0]
+    dtype = np.uint16 if all(p[0].dtype == np.uint16 for p in parts) else np.float32  # a widened spool: float32
+    csr = sp.vstack([p[0] for p in parts], format="csr", dtype=dtype) if len(parts) > 1 else parts[0][0]
     rows = np.concatenate([p[1] for p in parts])
     codes = np.concatenate([p[2] for p in parts])
     cell_ids = rows - np.searchsorted(job.dropped, rows)

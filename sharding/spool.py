@@ -6,6 +6,10 @@ byte budget, so memory is bounded by the budget (not the corpus) and the number
 of files is a handful per shard (not per block x shard). Pass 2 reads one
 shard's files back, bounded by cells-per-shard.
 
+Counts are spooled as uint16 while every value so far is an integer of at most 65,535 (raw counts nearly
+always are; the first value that is not widens the task's spool to float32 once), and gene indices as uint16
+when the vocabulary has at most 65,536 genes: half the bytes written and read back of float32/int32.
+
 String obs columns are stored as int32 codes into per-column category lists
 (``Categories``) kept in memory and saved with the pass-1 state: cheap for the
 low-cardinality metadata a corpus keeps (dataset, cell type, donor, assay).
@@ -21,7 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-_FILES = {"data": np.float32, "indices": np.int32, "rownnz": np.int64, "cell_id": np.int64, "obs": np.int32}
+_NAMES = ("data", "indices", "rownnz", "cell_id", "obs")
+_WIDE = "data.float32"  # marker in the spool's root: its counts files hold float32, not uint16
 
 
 class Categories:
@@ -56,12 +61,18 @@ class ShardSpool:
         self.budget = budget_bytes
         self._buf: dict[int, list[tuple[np.ndarray, ...]]] = {}
         self._bytes = 0
+        wide = (root / _WIDE).exists()
+        self.dtypes = {"data": np.dtype(np.float32 if wide else np.uint16),
+                       "indices": np.dtype(np.uint16 if n_genes <= 65536 else np.int32),
+                       "rownnz": np.dtype(np.int32), "cell_id": np.dtype(np.int64), "obs": np.dtype(np.int32)}
 
     def shard_dir(self, shard: int) -> Path:
         return self.root / f"shard-{shard:05d}"
 
     def add(self, dest: np.ndarray, csr: sp.csr_matrix, cell_ids: np.ndarray, obs_codes: np.ndarray) -> None:
         """Buffer rows (one destination shard per row); flush when the buffer passes the budget."""
+        if csr.data.dtype != np.uint16 and self.dtypes["data"] == np.uint16:
+            self._widen()
         order = np.argsort(dest, kind="stable")
         csr, cell_ids, obs_codes, dest = csr[order], cell_ids[order], obs_codes[order], dest[order]
         bounds = np.searchsorted(dest, np.arange(self.n_shards + 1))
@@ -79,22 +90,31 @@ class ShardSpool:
         for shard, pieces in self._buf.items():
             d = self.shard_dir(shard)
             d.mkdir(parents=True, exist_ok=True)
-            for i, (name, dtype) in enumerate(_FILES.items()):
+            for i, name in enumerate(_NAMES):
                 with open(d / name, "ab") as f:
                     for piece in pieces:
-                        np.ascontiguousarray(piece[i], dtype=dtype).tofile(f)
+                        np.ascontiguousarray(piece[i], dtype=self.dtypes[name]).tofile(f)
         self._buf.clear()
         self._bytes = 0
+
+    def _widen(self) -> None:
+        """Counts that do not fit uint16 arrived: rewrite what is spooled so far as float32, once."""
+        self.flush()
+        self.root.mkdir(parents=True, exist_ok=True)
+        for d in sorted(self.root.glob("shard-*")):
+            np.fromfile(d / "data", dtype=np.uint16).astype(np.float32).tofile(d / "data")
+        (self.root / _WIDE).touch()
+        self.dtypes["data"] = np.dtype(np.float32)
 
     def read(self, shard: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
         d = self.shard_dir(shard)
         if not d.exists():
-            empty = sp.csr_matrix((0, self.n_genes), dtype=np.float32)
+            empty = sp.csr_matrix((0, self.n_genes), dtype=self.dtypes["data"])
             return empty, np.zeros(0, np.int64), np.zeros((0, self.n_obs_cols), np.int32)
-        arrays = {name: np.fromfile(d / name, dtype=dtype) for name, dtype in _FILES.items()}
-        indptr = np.concatenate([[0], np.cumsum(arrays["rownnz"])]).astype(np.int64)
+        arrays = {name: np.fromfile(d / name, dtype=self.dtypes[name]) for name in _NAMES}
+        indptr = np.concatenate([[0], np.cumsum(arrays["rownnz"], dtype=np.int64)])
         shape = (len(indptr) - 1, self.n_genes)
-        csr = sp.csr_matrix((arrays["data"], arrays["indices"], indptr), shape=shape)
+        csr = sp.csr_matrix((arrays["data"], arrays["indices"].astype(np.int32, copy=False), indptr), shape=shape)
         return csr, arrays["cell_id"], arrays["obs"].reshape(-1, self.n_obs_cols)
 
     def remove(self, shard: int) -> None:

@@ -87,6 +87,22 @@ class ValueFaults:
                              "or --matrix to pick the raw counts)")
 
 
+def small_counts(values: np.ndarray) -> np.ndarray | None:
+    """``values`` as uint16 when every one is an integer in [0, 65535] (raw counts nearly always are), else None.
+
+    One cast and one comparison, where counting faults takes five passes: NaN, inf, negative, fractional and
+    too-large values all fail the comparison, and the caller then counts faults with ``ValueFaults``.
+    """
+    values = np.asarray(values)
+    if values.dtype == np.uint16:
+        return values
+    if values.dtype.kind not in "iuf":
+        return None
+    with np.errstate(invalid="ignore", over="ignore"):
+        small = values.astype(np.uint16)
+    return small if np.array_equal(small, values) else None
+
+
 def genes_per_cell(csr: sp.csr_matrix) -> np.ndarray:
     """Number of expressed genes (stored non-zeros) per row; explicit zeros must be eliminated first."""
     return np.diff(csr.indptr)

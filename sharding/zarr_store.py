@@ -74,7 +74,7 @@ def x_dtypes(csr: sp.csr_matrix, x_dtype: str = "auto") -> dict[str, np.dtype]:
     if x_dtype == "float32":
         return {"indices": np.dtype(np.int32), "data": np.dtype(np.float32), "indptr": np.dtype(np.int64)}
     data = csr.data
-    small = data.size == 0 or (float(data.max()) <= 65535 and float(data.min()) >= 0
+    small = data.size == 0 or data.dtype == np.uint16 or (float(data.max()) <= 65535 and float(data.min()) >= 0
                                and bool(np.all(data == np.floor(data))))
     return {"indices": np.dtype(np.uint16 if csr.shape[1] <= 65536 else np.int32),
             "data": np.dtype(np.uint16 if small else np.float32), "indptr": np.dtype(np.int64)}

@@ -137,3 +137,41 @@ def test_a_task_refuses_sources_changed_since_the_plan(sources, tmp_path):
     write_source(src, 650, [f"GENE{i}" for i in range(60)], 9)  # the file is replaced between the tasks
     with pytest.raises(InputError, match="the sources changed since --plan"):
         run_task(out, 1, 1, log=lambda _m: None)
+
+
+def test_counts_beyond_uint16_widen_one_tasks_spool_and_every_value_survives(tmp_path):
+    """Counts are spooled as uint16 until a value does not fit (a deep gene at 70,000, a normalized 2.5): that
+    task's spool is rewritten as float32 once, the other tasks' stay uint16, and phase 2 merges both. Explicit
+    zeros in the source are dropped without touching the source's arrays."""
+    rng = np.random.default_rng(3)
+    x = rng.poisson(0.6, size=(300, 40)).astype(np.float32)
+    x[:, 0] = 1  # every cell expresses at least one gene
+    x[260, 3], x[270, 4] = 70_000, 2.5  # in the last of 5 blocks of 64 rows: the third task's
+    m = sp.csr_matrix(x)
+    m.data[m.indices == 7] = 0  # stored zeros
+    src = tmp_path / "wide.h5ad"
+    anndata.AnnData(m, var=pd.DataFrame(index=[f"G{i}" for i in range(40)])).write_h5ad(src)
+
+    def cfg(out: Path) -> BuildConfig:
+        return BuildConfig(sources=[str(src)], out=out, cells_per_shard=100, block_rows=64, allow_non_integer=True,
+                           progress=False)
+
+    one = build(cfg(tmp_path / "one"), log=lambda _m: None)
+    out = tmp_path / "three"
+    plan_build(cfg(out), 3, log=lambda _m: None)
+    for phase in (1, 2):
+        for t in range(3):
+            run_task(out, t, phase, log=lambda _m: None)
+    spools = sorted((out / ".build").glob("p1-*/data.float32"))
+    assert [p.parent.name for p in spools] == ["p1-00002"]
+    three = finish_build(out, log=lambda _m: None)
+    assert comparable(three) == comparable(one)
+    x[:, 7] = 0
+    for shard in one["zarr"]["shards"]:
+        a = anndata.read_zarr(tmp_path / "one" / shard["path"])
+        got = a.X.toarray()
+        np.testing.assert_array_equal(got, x[a.obs["cell_id"].to_numpy()])
+        assert a.X.dtype == (np.float32 if (got % 1).any() or got.max() > 65535 else np.uint16)
+        assert a.X.nnz == np.count_nonzero(got)
+    assert sum(anndata.read_zarr(tmp_path / "one" / s["path"]).X.dtype == np.float32
+               for s in one["zarr"]["shards"]) >= 1
