@@ -16,7 +16,13 @@ from scpretrain.sharding import manifest as mf
 from scpretrain.sharding.config import BuildConfig, keep_columns
 from scpretrain.sharding.obs import ObsPlan, plan_obs
 from scpretrain.sharding.sources import Source
-from scpretrain.sharding.validate import ValueFaults, check_unique, genes_per_cell, parse_holdout, small_counts
+from scpretrain.sharding.validate import (
+    ValueFaults,
+    check_unique,
+    genes_per_cell,
+    parse_holdout,
+    small_counts,
+)
 from scpretrain.sharding.vocab import Alignment, Vocab, align, check_coverage
 
 
