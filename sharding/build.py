@@ -32,6 +32,7 @@ from scpretrain.sharding import (
 from scpretrain.sharding.config import FORMATS, BuildConfig, check_config
 from scpretrain.sharding.errors import InputError
 from scpretrain.sharding.shards import done_shards, pass2_jobs
+from scpretrain.sharding.sources.base import hash_ahead
 
 __all__ = ["FORMATS", "BuildConfig", "build", "finish_build", "pass2_jobs", "plan_build", "run_task"]
 _OWNED = {"manifest.json", mf.MANIFEST_TMP, "vocab.tsv", "zarr", "soma", ".build"}
@@ -50,10 +51,12 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = print) -> dict[str, Any
         log(f"{out}: resuming: phase 1 complete, {len(done_shards(build_dir))} shards already written")
     try:
         tasks.run_phase1_many(out, todo, plan["tasks"], log)
+        hashing = hash_ahead(plan.get("files", []))  # the manifest's source sha256, beside phase 2
         tasks.run_phase2(out, None, log, jobs=cfg.jobs)
     except InputError:  # bad values, or no cell left: the spool is useless
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
+    hashing.join()
     manifest = tasks.finish(out, log)
     _print_summary(out, manifest, log)
     return manifest

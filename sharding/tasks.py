@@ -133,6 +133,7 @@ def make_plan(cfg: BuildConfig, tasks: int, log: Log) -> dict[str, Any]:
         if tasks == 0:
             tasks = pass2_jobs(0, sum(n_cells), len(input_blocks(n_cells, cfg.block_rows)))
         key = f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}"
+        files = [str(f) for s in sources for f in s.files()]
     finally:
         for s in sources:
             s.close()
@@ -146,7 +147,7 @@ def make_plan(cfg: BuildConfig, tasks: int, log: Log) -> dict[str, Any]:
     build_dir.mkdir(parents=True)
     mf.write_vocab(build_dir / "vocab.tsv", vocab.pairs())
     n_in = sum(n_cells)
-    plan = {"fingerprint": key, "config": config_to_dict(cfg), "n_cells_in": n_cells, "n_in": n_in,
+    plan = {"fingerprint": key, "config": config_to_dict(cfg), "n_cells_in": n_cells, "n_in": n_in, "files": files,
             "n_shards": max(1, math.ceil(n_in / cfg.cells_per_shard)), "tasks": tasks,
             "phase1_blocks": cut_tasks(n_cells, cfg.block_rows, tasks)}
     mf.write_atomic(build_dir / PLAN, json.dumps(plan).encode())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,37 @@ import scipy.sparse as sp
 
 from scpretrain.sharding import manifest as mf
 from scpretrain.sharding.vocab import ID_COLUMNS, SYMBOL_COLUMNS, SourceGenes
+
+_SHA: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once per process
+_SHA_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """A source file's sha256, remembered for as long as its size and mtime stay the same."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _SHA_LOCK:
+        if key in _SHA:
+            return _SHA[key]
+    digest = mf.file_sha256(path)
+    with _SHA_LOCK:
+        _SHA[key] = digest
+    return digest
+
+
+def hash_ahead(paths: Iterable[str]) -> threading.Thread:
+    """Hash the source files in a background thread (hashlib releases the GIL): the one-process build starts
+    it beside phase 2, which leaves a core mostly idle, so the manifest's sha256 costs no wall time there."""
+    def work() -> None:
+        for p in paths:
+            try:
+                file_sha256(p)
+            except OSError:  # gone or unreadable: the manifest step hashes it again and reports it
+                pass
+
+    t = threading.Thread(target=work, name="hash-sources", daemon=True)
+    t.start()
+    return t
 
 
 @dataclass
@@ -66,10 +99,10 @@ class Source:
         if not files:
             return None
         if len(files) == 1:
-            return mf.file_sha256(files[0])
+            return file_sha256(files[0])
         h = hashlib.sha256()
         for p in files:
-            h.update(f"{p.name}\0{mf.file_sha256(p)}\n".encode())
+            h.update(f"{p.name}\0{file_sha256(p)}\n".encode())
         return h.hexdigest()
 
     def provenance(self) -> dict[str, Any]:
