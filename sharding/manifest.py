@@ -59,11 +59,12 @@ def read_vocab(corpus_dir_or_file: str | Path) -> list[tuple[str, str]]:
         raise InputError(str(e)) from None
 
 
-def shard_sha256(shard_dir: str | Path) -> str:
+def shard_sha256(shard_dir: str | Path, known: dict[str, bytes] | None = None) -> str:
     """Checksum of a Zarr shard's counts: every file under ``X/``, sorted by relative path.
 
     Each file contributes its relative POSIX path, a NUL byte, then its bytes, so
     renaming or deleting a chunk changes the checksum as surely as corrupting it.
+    ``known``: the bytes of files just written (relative path -> bytes), used instead of reading them back.
     """
     root = Path(shard_dir) / "X"
     if not root.is_dir():
@@ -73,6 +74,9 @@ def shard_sha256(shard_dir: str | Path) -> str:
     files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
     for rel, p in files:
         h.update(rel.encode() + b"\0")
+        if known is not None and rel in known:
+            h.update(known[rel])
+            continue
         with open(p, "rb") as f:
             while block := f.read(_HASH_BLOCK):
                 h.update(block)

@@ -143,9 +143,10 @@ def write_zarr_shard(out: Path, shard: int, csr: Any, obs: pd.DataFrame, var: pd
     final = out / "zarr" / f"shard-{shard:05d}.zarr"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    dtypes = zarr_store.write_shard(tmp, csr, obs, var, codec=codec, x_dtype=x_dtype)
+    chunks: dict[str, bytes] = {}
+    dtypes = zarr_store.write_shard(tmp, csr, obs, var, codec=codec, x_dtype=x_dtype, chunks=chunks)
     fsync_tree(tmp)  # on disk before its done-record and the manifest say it is there
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    return mf.shard_sha256(final), dtypes
+    return mf.shard_sha256(final, known=chunks), dtypes

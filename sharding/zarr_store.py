@@ -81,10 +81,12 @@ def x_dtypes(csr: sp.csr_matrix, x_dtype: str = "auto") -> dict[str, np.dtype]:
 
 
 def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame, *,
-                codec: str, chunk_nnz: int = CHUNK_NNZ, x_dtype: str = "auto") -> dict[str, str]:
+                codec: str, chunk_nnz: int = CHUNK_NNZ, x_dtype: str = "auto",
+                chunks: dict[str, bytes] | None = None) -> dict[str, str]:
     """Write an AnnData Zarr v3 store at ``path`` (a fresh directory): X CSR counts, obs, var.
 
-    Returns the stored dtypes of X's arrays (see ``x_dtypes``)."""
+    Returns the stored dtypes of X's arrays (see ``x_dtypes``). ``chunks``, when given, receives every chunk
+    file written under X/ (path relative to X/ -> its bytes), so the shard's checksum needs no re-read."""
     dtypes = x_dtypes(csr, x_dtype)
     with anndata.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
         root = zarr.open_group(path, mode="w", zarr_format=3)
@@ -99,15 +101,16 @@ def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataF
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
         for name, values in arrays.items():
-            chunks = max(1, values.size) if name == "indptr" else chunk_nnz
+            size = max(1, values.size) if name == "indptr" else chunk_nnz
             # zarr writes the metadata (zarr.json); the chunks are encoded here, see _write_chunks
-            x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(chunks,),
+            x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(size,),
                            compressors=[make_codec(codec)])
-            _write_chunks(Path(path) / "X" / name, values, chunks, codec)
+            _write_chunks(Path(path) / "X" / name, values, size, codec, chunks)
     return {k: v.name for k, v in dtypes.items()}
 
 
-def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str) -> None:
+def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str,
+                  written: dict[str, bytes] | None = None) -> None:
     """Encode and store a 1-D array's chunks as zarr v3 does for our codecs, at half zarr-python's CPU cost.
 
     A chunk is the little-endian bytes of ``chunk`` values (the last one padded with the
@@ -124,8 +127,11 @@ def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str) -
         piece = values[lo:lo + chunk]
         if piece.size < chunk:
             piece = np.concatenate([piece, np.zeros(chunk - piece.size, dtype=values.dtype)])
+        encoded = bytes(encoder.encode(np.ascontiguousarray(piece)))
         with open(keys / str(i), "wb") as f:
-            f.write(encoder.encode(np.ascontiguousarray(piece)))
+            f.write(encoded)
+        if written is not None:
+            written[f"{array_dir.name}/c/{i}"] = encoded
 
 
 def _numcodec(name: str) -> Any:
