@@ -12,6 +12,9 @@ and a 20M-cell synthetic corpus with its wall time and peak memory.
       - our SOMA output:  python -m sharding build --source IN.h5ad --format soma
       - anndata:          anndata.read_h5ad(IN) then adata.write_zarr(OUT)     (anndata's defaults)
       - tiledbsoma:       anndata.read_h5ad(IN) then tiledbsoma.io.from_anndata(OUT, adata, "RNA")
+      - annbatch:         DatasetCollection(OUT).add_adatas([IN], shuffle=True) (its pre-shuffled store,
+                          zarrs pipeline; in its own Python >= 3.12 venv, made in --venv-dir when missing,
+                          as ``benchmarks.bench_loader`` makes it)
     Each runs in its own process; the figures are end to end from the h5ad (ours also validate, align,
     shuffle across shards and checksum). Baselines also report their write step alone.
 (b) big: python -m sharding build --source synthetic://cells=N,genes=2000,density=0.01 --format zarr, for
@@ -226,7 +229,49 @@ def run_compare(args: argparse.Namespace, work: Path) -> list[Run]:
                              f"({args.cells / max(write_s, 1e-9):,.0f} cells/s writing alone)")
             runs.append(run)
             _clean(out, args.keep)
+        runs.append(run_annbatch(args, work, source))
     return runs
+
+
+def run_annbatch(args: argparse.Namespace, work: Path, source: Path) -> Run:
+    """annbatch's writer on the same h5ad, with the settings ``bench_loader`` builds its collection with."""
+    from benchmarks.bench_loader import ANNBATCH_BUILD, PEERS, ensure_venv
+
+    name = "annbatch: DatasetCollection.add_adatas(shuffle=True)"
+    venv = ensure_venv("annbatch", args.venv_dir.resolve(), skip_create=False)
+    if venv.python is None:
+        print(f"  annbatch not run: {venv.reason}", file=sys.stderr)
+        return Run(name, args.cells, 0.0, 0.0, 0, False, f"not run: {venv.reason}")
+    out = work / "out" / "baseline-annbatch"
+    shutil.rmtree(out, ignore_errors=True)
+    result = work / "logs" / "annbatch.result.json"
+    spec = {"mode": "build", "store": str(out), "h5ad": str(source), "n_cells": args.cells, **ANNBATCH_BUILD,
+            "seed": args.seed, "result": str(result)}
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "logs" / "annbatch.spec.json").write_text(json.dumps(spec))
+    run = measure(name, [venv.python, str(PEERS / "annbatch_run.py"), str(work / "logs" / "annbatch.spec.json")],
+                  cells=args.cells, out=out, log=work / "logs" / "baseline-annbatch.log")
+    if run.ok and result.exists():
+        r = json.loads(result.read_text())
+        run.notes = (f"annbatch {venv.versions.get('annbatch')}, zarrs {venv.versions.get('zarrs')}; "
+                     f"add_adatas {r['seconds']:.1f} s; {json.dumps(ANNBATCH_BUILD)}")
+    _clean(out, args.keep)
+    return run
+
+
+def ratios(runs: list[Run]) -> list[str]:
+    """The issue's targets, from this run's wall times: Zarr vs annbatch's writer, SOMA vs from_anndata."""
+    find = {k: next((r for r in runs if r.ok and r.name.startswith(k)), None)
+            for k in ("ours: Zarr shards (", "ours: SOMA", "annbatch:", "tiledbsoma:", "anndata:")}
+    lines = []
+    for ours, theirs, target in (("ours: Zarr shards (", "annbatch:", 2.0), ("ours: SOMA", "tiledbsoma:", 10.0),
+                                 ("ours: Zarr shards (", "anndata:", None)):
+        a, b = find[ours], find[theirs]
+        if a and b:
+            goal = f" (target >= {target:g}x: {'met' if a.cells_per_s >= target * b.cells_per_s else 'missed'})" \
+                if target else ""
+            lines.append(f"- {a.name} vs {b.name}: {a.cells_per_s / b.cells_per_s:.2f}x{goal}")
+    return lines
 
 
 def run_big(args: argparse.Namespace, work: Path) -> list[Run]:
@@ -285,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="big: --jobs for the builds (default 1)")
     p.add_argument("--workdir", type=Path, default=REPO / "bench_out" / "corpus",
                    help="inputs, outputs, logs and results (default bench_out/corpus)")
+    p.add_argument("--venv-dir", type=Path, default=REPO / "bench_out",
+                   help="compare: where venv-annbatch lives or is made (default bench_out, as bench_loader)")
     p.add_argument("--keep", action="store_true",
                    help="keep the built stores (default: delete them after measuring)")
     return p
@@ -313,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_compare(args, work)
         sections.append((f"Build throughput from one h5ad ({args.cells:,} cells x {args.genes:,} genes, "
                          f"~{args.nnz_per_cell:,.0f} non-zeros per cell)", runs))
+        compare_ratios = ratios(runs)
     if args.only in (None, "big"):
         runs = run_big(args, work)
         sections.append((f"Synthetic corpora built from synthetic:// ({args.big_genes:,} genes, "
@@ -320,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     report = [f"Corpus build benchmark, {started}, {machine}", ""]
     for title, runs in sections:
         report += [table(runs, title), ""]
+        if title.startswith("Build throughput"):
+            report += ["Ratios (cells/s, this run):", *compare_ratios, ""]
     text = "\n".join(report)
     print("\n" + text)
     (work / "results.md").write_text(text + "\n")

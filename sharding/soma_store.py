@@ -7,6 +7,7 @@ are written in the corpus's shuffled order: soma_joinid = global position.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ LAYER = "raw"
 # it touches (with 2,048-gene tiles a 256-cell read decoded ~4x the cells it returned: 3.4x slower
 # block reads, BENCHMARKS.md), and write_rows hands TileDB its cells already in global order.
 X_ROW_TILE = 2048
+# TileDB's write-time checks of coordinates (duplicates, out of the domain, global order) cost ~1 s per 15k
+# cells written (1.37 s instead of 2.5 s for a 22M-non-zero shard, BENCHMARKS.md); write_rows builds its
+# coordinates so that each holds by construction (canonical CSR rows, offset + row < n_cells), so they are off
+_WRITE_CONFIG = {"sm.check_coord_dups": "false", "sm.check_coord_oob": "false", "sm.check_global_order": "false"}
 
 
 def _obs_schema(columns: list[str]) -> pa.Schema:
@@ -74,15 +79,32 @@ def write_rows(uri: Path, offset: int, csr: sp.csr_matrix, obs: pd.DataFrame, *,
                                                                                  pa.large_string())
     with soma.DataFrame.open(f"{uri}/obs", "w") as df:
         df.write(pa.table(table))
-    if not csr.has_sorted_indices:
+    if not csr.has_canonical_format:  # sorted columns, no duplicate within a row: what the checks-off write needs
         csr = csr.copy()
-        csr.sort_indices()
-    rows = offset + np.repeat(np.arange(n, dtype=np.int64), np.diff(csr.indptr))
-    with soma.SparseNDArray.open(x_uri, "w") as arr:
-        # CSR order with sorted columns is TileDB's global order for these tiles: no sort needed
-        arr.write(pa.table({"soma_dim_0": rows, "soma_dim_1": csr.indices.astype(np.int64),
-                            "soma_data": csr.data.astype(np.float32, copy=False)}),
+        csr.sum_duplicates()
+    with soma.SparseNDArray.open(x_uri, "r") as arr:
+        n_rows, n_cols = arr.shape
+    if offset + n > n_rows or csr.shape[1] > n_cols:
+        raise ValueError(f"{x_uri}: rows {offset}-{offset + n - 1} x {csr.shape[1]} genes are outside X's shape "
+                         f"{(n_rows, n_cols)}")
+    ctx = soma.SOMATileDBContext(tiledb_config=_WRITE_CONFIG)
+    with soma.SparseNDArray.open(x_uri, "w", context=ctx) as arr:
+        # CSR order with sorted columns is TileDB's global order for these tiles: no sort needed. One Arrow
+        # batch per row tile: TileDB takes them in turn into one fragment, and the int64 coordinate arrays
+        # stay small enough to reuse memory instead of faulting in fresh pages (1.15 s vs 1.41 s a shard)
+        arr.write(pa.Table.from_batches(list(_x_batches(csr, offset))),
                   platform_config={"tiledb": {"write": {"sort_coords": False}}})
+
+
+def _x_batches(csr: sp.csr_matrix, offset: int) -> Iterator[pa.RecordBatch]:
+    ptr = csr.indptr
+    for lo in range(0, csr.shape[0], X_ROW_TILE):
+        hi = min(lo + X_ROW_TILE, csr.shape[0])
+        a, b = ptr[lo], ptr[hi]
+        rows = np.repeat(np.arange(offset + lo, offset + hi, dtype=np.int64), np.diff(ptr[lo:hi + 1]))
+        yield pa.RecordBatch.from_arrays([pa.array(rows), pa.array(csr.indices[a:b].astype(np.int64)),
+                                          pa.array(csr.data[a:b].astype(np.float32))],
+                                         names=["soma_dim_0", "soma_dim_1", "soma_data"])
 
 
 def check_experiment(uri: Path, *, n_cells: int, n_genes: int, nnz: int) -> list[str]:
