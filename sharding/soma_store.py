@@ -79,9 +79,6 @@ def write_rows(uri: Path, offset: int, csr: sp.csr_matrix, obs: pd.DataFrame, *,
                                                                                  pa.large_string())
     with soma.DataFrame.open(f"{uri}/obs", "w") as df:
         df.write(pa.table(table))
-    if not csr.has_canonical_format:  # sorted columns, no duplicate within a row: what the checks-off write needs
-        csr = csr.copy()
-        csr.sum_duplicates()
     with soma.SparseNDArray.open(x_uri, "r") as arr:
         n_rows, n_cols = arr.shape
     if offset + n > n_rows or csr.shape[1] > n_cols:
@@ -89,11 +86,22 @@ def write_rows(uri: Path, offset: int, csr: sp.csr_matrix, obs: pd.DataFrame, *,
                          f"{(n_rows, n_cols)}")
     ctx = soma.SOMATileDBContext(tiledb_config=_WRITE_CONFIG)
     with soma.SparseNDArray.open(x_uri, "w", context=ctx) as arr:
-        # CSR order with sorted columns is TileDB's global order for these tiles: no sort needed. One Arrow
-        # batch per row tile: TileDB takes them in turn into one fragment, and the int64 coordinate arrays
-        # stay small enough to reuse memory instead of faulting in fresh pages (1.15 s vs 1.41 s a shard)
-        arr.write(pa.Table.from_batches(list(_x_batches(csr, offset))),
+        arr.write(x_table(csr, offset),
                   platform_config={"tiledb": {"write": {"sort_coords": False}}})
+
+
+def x_table(csr: sp.csr_matrix, offset: int) -> pa.Table:
+    """X's coordinates and values for rows [offset, offset + n), in TileDB's global order for these tiles (CSR
+    order, sorted columns, no duplicates: the checks-off write needs exactly that, so no sort either). One Arrow
+    batch per row tile: TileDB takes them in turn into one fragment, and the int64 coordinate arrays stay small
+    enough to reuse memory instead of faulting in fresh pages (1.15 s vs 1.41 s a shard)."""
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return pa.Table.from_batches(list(_x_batches(csr, offset)), schema=_X_SCHEMA)
+
+
+_X_SCHEMA = pa.schema([("soma_dim_0", pa.int64()), ("soma_dim_1", pa.int64()), ("soma_data", pa.float32())])
 
 
 def _x_batches(csr: sp.csr_matrix, offset: int) -> Iterator[pa.RecordBatch]:
