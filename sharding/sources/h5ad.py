@@ -7,6 +7,7 @@ block by block and only the obs columns the build needs are read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from anndata.io import read_elem, sparse_dataset
 
 from scpretrain.sharding.errors import InputError
 from scpretrain.sharding.sources.base import Block, Source, source_genes
+from scpretrain.sharding.sources.h5direct import DirectArray, direct, open_fd
 from scpretrain.sharding.validate import ValueFaults
 
 _SAMPLE_ROWS = 2000  # rows inspected when auto-detecting which matrix holds counts
@@ -62,6 +64,7 @@ class H5adSource(Source):
             yield Block(first, self._matrix.rows(first, last), obs.iloc[first:last])
 
     def close(self) -> None:
+        self._matrix.close()
         self.file.close()
 
     def _read_obs_elem(self, key: str) -> Any:
@@ -118,6 +121,8 @@ class _MatrixReader:
 
     def __init__(self, path: Path, label: str, elem: Any):
         self.path, self.label, self.notes = path, label, []
+        self._fd: int | None = None
+        self._direct: tuple[DirectArray, DirectArray, DirectArray] | None = None
         if isinstance(elem, h5py.Dataset):
             # dense on disk: accepted on purpose, each block is converted to CSR
             self._dense, self.shape = elem, tuple(elem.shape)
@@ -127,6 +132,7 @@ class _MatrixReader:
         encoding = elem.attrs.get("encoding-type", "")
         if encoding == "csr_matrix":
             self._sparse = sparse_dataset(elem)
+            self._open_direct(path, elem)
         elif encoding == "csc_matrix":
             nnz = elem["data"].shape[0]
             if nnz > _MAX_CSC_NNZ:
@@ -139,10 +145,35 @@ class _MatrixReader:
                              "matrix (re-export the file with anndata)")
         self.shape = tuple(self._sparse.shape)
 
+    def _open_direct(self, path: Path, elem: Any) -> None:
+        """Plain (unfiltered) data/indices/indptr are read straight from the file (``h5direct``)."""
+        try:
+            self._fd = open_fd(path)
+            if self._fd is None:
+                return
+            arrays = tuple(direct(self._fd, elem[k]) for k in ("data", "indices", "indptr"))
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError):
+            arrays = (None,)
+        if all(a is not None for a in arrays):
+            self._direct = arrays  # type: ignore[assignment]
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd, self._direct = None, None
+
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         try:
             if self._dense is not None:
                 return sp.csr_matrix(self._dense[start:stop])
+            if self._direct is not None:
+                data, indices, indptr = self._direct
+                ptr = indptr.read(start, stop + 1).astype(np.int64)
+                a, b = int(ptr[0]), int(ptr[-1])
+                return sp.csr_matrix((data.read(a, b), indices.read(a, b), ptr - a),
+                                     shape=(stop - start, self.shape[1]))
             return sp.csr_matrix(self._sparse[start:stop])
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise InputError(f"{self.path}: cannot read {self.label} rows {start}-{stop} ({exc}); the file "
@@ -170,7 +201,10 @@ def _unreadable(path: Path, exc: Exception) -> InputError:
 
 def _sample_faults(path: Path, label: str, elem: Any) -> ValueFaults:
     reader = _MatrixReader(path, label, elem)
+    try:
+        block = reader.rows(0, min(_SAMPLE_ROWS, reader.shape[0]))
+    finally:
+        reader.close()
     faults = ValueFaults()
-    block = reader.rows(0, min(_SAMPLE_ROWS, reader.shape[0]))
     faults.add(block.data)
     return faults
