@@ -8,7 +8,8 @@ and a 20M-cell synthetic corpus with its wall time and peak memory.
 (a) compare: one synthetic h5ad (default 200,000 cells x 19,331 genes, ~1,500 non-zeros per cell, CSR
     float32 counts, obs cell_type/dataset_id/donor_id; cached in WORKDIR/input/) is turned into
       - our Zarr shards:  python -m sharding build --source IN.h5ad --format zarr   (--jobs 1; with
-                          --jobs-compare also --jobs min(4, cores): pass 2 in worker processes)
+                          --jobs-compare also --jobs min(4, cores), for Zarr and SOMA: phase 1 as that
+                          many tasks, shards written by that many worker processes)
       - our SOMA output:  python -m sharding build --source IN.h5ad --format soma
       - anndata:          anndata.read_h5ad(IN) then adata.write_zarr(OUT)     (anndata's defaults)
       - tiledbsoma:       anndata.read_h5ad(IN) then tiledbsoma.io.from_anndata(OUT, adata, "RNA")
@@ -195,7 +196,10 @@ def run_compare(args: argparse.Namespace, work: Path) -> list[Run]:
               ("ours: SOMA experiment (sharding build --format soma)", "soma", 1)]
     if args.jobs_compare:
         jobs = min(4, os.cpu_count() or 1)
-        builds.insert(1, (f"ours: Zarr shards, --jobs {jobs} (parallel pass 2)", "zarr", jobs))
+        builds.insert(1, (f"ours: Zarr shards, --jobs {jobs} (phase 1 as {jobs} tasks, {jobs} shard writers)", "zarr",
+                          jobs))
+        builds.append((f"ours: SOMA experiment, --jobs {jobs} (phase 1 as {jobs} tasks, {jobs} shard writers)",
+                       "soma", jobs))
     for name, fmt, jobs in builds:
         out = work / "out" / f"ours-{fmt}-j{jobs}"
         shutil.rmtree(out, ignore_errors=True)
@@ -321,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-baselines", action="store_true", help="compare: only our builds")
     p.add_argument("--jobs-compare", action="store_true",
-                   help="compare: also build Zarr with --jobs min(4, cores) (parallel pass 2)")
+                   help="compare: also build Zarr and SOMA with --jobs min(4, cores)")
     p.add_argument("--big-cells", default="200000,20000000",
                    help="big: comma-separated corpus sizes (default 200000,20000000)")
     p.add_argument("--big-genes", type=int, default=2_000)
