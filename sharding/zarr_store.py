@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import scipy.sparse as sp
 import zarr
 import zarr.codecs as zc
 from anndata.io import write_elem
+from zarr.storage import MemoryStore
 
 from scpretrain.sharding.errors import InputError
 
@@ -88,8 +90,11 @@ def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataF
     Returns the stored dtypes of X's arrays (see ``x_dtypes``). ``chunks``, when given, receives every chunk
     file written under X/ (path relative to X/ -> its bytes), so the shard's checksum needs no re-read."""
     dtypes = x_dtypes(csr, x_dtype)
+    # the metadata, obs and var are written by zarr into memory, then to disk in one go: anndata's ~150
+    # small writes per shard each wait on zarr's event loop and thread pool (0.15 s a shard on disk, 0.085 s so)
+    files: dict[str, Any] = {}
     with anndata.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
-        root = zarr.open_group(path, mode="w", zarr_format=3)
+        root = zarr.open_group(MemoryStore(files), mode="w", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         write_elem(root, "obs", obs)
         write_elem(root, "var", var)
@@ -98,14 +103,19 @@ def write_shard(path: Path, csr: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataF
     arrays = {"data": csr.data.astype(dtypes["data"], copy=False),
               "indices": csr.indices.astype(dtypes["indices"], copy=False),
               "indptr": csr.indptr.astype(np.int64, copy=False)}
+    sizes = {name: max(1, values.size) if name == "indptr" else chunk_nnz for name, values in arrays.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
         for name, values in arrays.items():
-            size = max(1, values.size) if name == "indptr" else chunk_nnz
             # zarr writes the metadata (zarr.json); the chunks are encoded here, see _write_chunks
-            x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(size,),
+            x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(sizes[name],),
                            compressors=[make_codec(codec)])
-            _write_chunks(Path(path) / "X" / name, values, size, codec, chunks)
+    for key, buf in files.items():
+        target = Path(path) / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(buf.to_bytes())
+    for name, values in arrays.items():
+        _write_chunks(Path(path) / "X" / name, values, sizes[name], codec, chunks)
     return {k: v.name for k, v in dtypes.items()}
 
 
@@ -123,15 +133,25 @@ def _write_chunks(array_dir: Path, values: np.ndarray, chunk: int, codec: str,
     keys = array_dir / "c"
     keys.mkdir(parents=True, exist_ok=True)
     values = values.astype(values.dtype.newbyteorder("<"), copy=False)
-    for i, lo in enumerate(range(0, values.size, chunk)):
-        piece = values[lo:lo + chunk]
-        if piece.size < chunk:
-            piece = np.concatenate([piece, np.zeros(chunk - piece.size, dtype=values.dtype)])
-        encoded = bytes(encoder.encode(np.ascontiguousarray(piece)))
-        with open(keys / str(i), "wb") as f:
-            f.write(encoded)
-        if written is not None:
-            written[f"{array_dir.name}/c/{i}"] = encoded
+    # files are created and written by two threads while this one encodes the next chunks: creating a file
+    # costs ~0.2 ms of the filesystem's time, ~9,000 files for 200k cells
+    with ThreadPoolExecutor(2) as writers:
+        pending = []
+        for i, lo in enumerate(range(0, values.size, chunk)):
+            piece = values[lo:lo + chunk]
+            if piece.size < chunk:
+                piece = np.concatenate([piece, np.zeros(chunk - piece.size, dtype=values.dtype)])
+            encoded = bytes(encoder.encode(np.ascontiguousarray(piece)))
+            pending.append(writers.submit(_write_file, keys / str(i), encoded))
+            if written is not None:
+                written[f"{array_dir.name}/c/{i}"] = encoded
+        for f in pending:
+            f.result()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _numcodec(name: str) -> Any:
