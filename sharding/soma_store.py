@@ -25,8 +25,10 @@ LAYER = "raw"
 X_ROW_TILE = 2048
 # TileDB's write-time checks of coordinates (duplicates, out of the domain, global order) cost ~1 s per 15k
 # cells written (1.37 s instead of 2.5 s for a 22M-non-zero shard, BENCHMARKS.md); write_rows builds its
-# coordinates so that each holds by construction (canonical CSR rows, offset + row < n_cells), so they are off
-_WRITE_CONFIG = {"sm.check_coord_dups": "false", "sm.check_coord_oob": "false", "sm.check_global_order": "false"}
+# coordinates so that each holds by construction (canonical CSR rows, offset + row < n_cells), so they are off.
+# No malloc_trim after each write: the next shard's write would fault the same pages in again.
+_WRITE_CONFIG = {"sm.check_coord_dups": "false", "sm.check_coord_oob": "false", "sm.check_global_order": "false",
+                 "sm.mem.malloc_trim": "false"}
 
 
 def _obs_schema(columns: list[str]) -> pa.Schema:
