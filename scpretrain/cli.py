@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from scpretrain.evaluate.__main__ import main as run
         return run(args)
     if cmd in SHARDING:
+        if cmd == "build" and argv is None:  # the installed command, not a call from Python
+            from scpretrain.sharding.hugepages import restart_with_huge_pages
+
+            restart_with_huge_pages()
         from scpretrain.sharding.__main__ import main as run
         return run(args)
     if cmd in TRAIN:

@@ -149,4 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["build"]:
+        from scpretrain.sharding.hugepages import restart_with_huge_pages
+
+        restart_with_huge_pages()
     sys.exit(main())

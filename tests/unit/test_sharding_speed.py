@@ -1,5 +1,6 @@
-"""Plain (unfiltered) h5ad arrays are read straight from the file (``sharding.sources.h5direct``): the same
-rows as h5py for contiguous and chunked storage, any row range; filtered storage falls back to h5py."""
+"""What makes a build fast stays correct: plain (unfiltered) h5ad arrays read straight from the file
+(``sharding.sources.h5direct``) give the same rows as h5py for contiguous and chunked storage and any row range,
+filtered storage falls back to h5py; the build restarts once with glibc's huge-page tunable."""
 from __future__ import annotations
 
 import os
@@ -94,3 +95,33 @@ def test_a_truncated_file_is_an_input_error_naming_it(counts, tmp_path):
             src._matrix.rows(0, 500)
     finally:
         src.close()
+
+
+def test_a_build_restarts_once_with_huge_pages(monkeypatch, tmp_path):
+    """``python -m sharding build`` replaces itself by the same command with glibc's hugetlb tunable (once:
+    with the tunable present, or SCPRETRAIN_HUGEPAGES=0, nothing happens), and the restarted build works."""
+    import sys
+
+    from scpretrain.sharding import hugepages
+    from tests.conftest import run_cli
+
+    calls = []
+    monkeypatch.setattr(hugepages.os, "execve", lambda exe, args, env: calls.append((exe, args, env)))
+    monkeypatch.setattr(hugepages.sys, "orig_argv", [sys.executable, "-m", "sharding", "build", "--out", "x"])
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("SCPRETRAIN_HUGEPAGES", raising=False)
+    hugepages.restart_with_huge_pages()
+    if hugepages._glibc_at_least(2, 35):
+        [(exe, args, env)] = calls
+        assert exe == sys.executable and args == [sys.executable, "-m", "sharding", "build", "--out", "x"]
+        assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    hugepages.restart_with_huge_pages()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("SCPRETRAIN_HUGEPAGES", "0")
+    hugepages.restart_with_huge_pages()
+    assert len(calls) == (1 if hugepages._glibc_at_least(2, 35) else 0)
+    out = tmp_path / "c"
+    p = run_cli(["-m", "sharding", "build", "--source", "synthetic://cells=300,genes=50,types=2,datasets=1,seed=0",
+                 "--out", str(out), "--no-progress"], env={"GLIBC_TUNABLES": "", "SCPRETRAIN_HUGEPAGES": "1"})
+    assert p.returncode == 0 and (out / "manifest.json").is_file() and "of 300 cells" in p.stdout
