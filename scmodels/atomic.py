@@ -20,15 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def fsync_dir(path: str | Path) -> None:
+    """A folder (or a file) on disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,10 +38,10 @@ def fsync_tree(root: Path) -> None:
     files = [os.path.join(d, name) for d, _, names in walked for name in names]
     if len(files) > 8:
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(_fsync_file, files))
+            list(pool.map(fsync_dir, files))
     else:
         for f in files:
-            _fsync_file(f)
+            fsync_dir(f)
     for d, _, _ in walked:
         fsync_dir(Path(d))
 
