@@ -26,6 +26,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 _NAMES = ("data", "indices", "rownnz", "cell_id", "obs")
+# in the plan's fingerprint: an unfinished build whose spool an older version wrote (float32 / int32 / int64
+# files) starts over instead of being read back with the wrong dtypes
+SPOOL_FORMAT = 2
 _WIDE = "data.float32"  # marker in the spool's root: its counts files hold float32, not uint16
 
 

@@ -52,7 +52,7 @@ from scpretrain.sharding.shards import (
     write_shard_in_worker,
 )
 from scpretrain.sharding.sources import CensusOptions, Source, open_sources
-from scpretrain.sharding.spool import Categories, ShardSpool
+from scpretrain.sharding.spool import SPOOL_FORMAT, Categories, ShardSpool
 from scpretrain.sharding.validate import ValueFaults
 from scpretrain.sharding.vocab import Vocab, derive_vocab
 
@@ -133,7 +133,7 @@ def make_plan(cfg: BuildConfig, tasks: int, log: Log) -> dict[str, Any]:
         n_cells = [s.n_cells for s in sources]
         if tasks == 0:
             tasks = pass2_jobs(0, sum(n_cells), len(input_blocks(n_cells, cfg.block_rows)))
-        key = f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}"
+        key = f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}/spool={SPOOL_FORMAT}"
         files = [str(f) for s in sources for f in s.files()]
     finally:
         for s in sources:
@@ -168,7 +168,7 @@ def read_plan(out: Path | str, missing_ok: bool = False) -> dict[str, Any] | Non
 
 def check_unchanged(plan: dict[str, Any], cfg: BuildConfig, sources: list[Source], vocab: Vocab) -> None:
     """A task reads the inputs the plan checked: same files (size, mtime), options and vocabulary."""
-    if f"{fingerprint(cfg, sources, vocab)}/tasks={plan['tasks']}" != plan["fingerprint"]:
+    if f"{fingerprint(cfg, sources, vocab)}/tasks={plan['tasks']}/spool={SPOOL_FORMAT}" != plan["fingerprint"]:
         raise InputError(f"{cfg.out}: the sources changed since --plan (a file's size or time differs); run "
                          "--plan again (with --overwrite if a corpus was published)")
 

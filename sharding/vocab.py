@@ -147,7 +147,8 @@ class Alignment:
         if self._identity:
             out = sp.csr_matrix((csr.data, csr.indices.astype(np.int32, copy=False),
                                  csr.indptr.astype(np.int64, copy=False)), shape=(csr.shape[0], self.n_vocab))
-            if not out.has_sorted_indices:
+            if not out.has_sorted_indices:  # sorted on a copy: ``csr``'s arrays are shared and not ours to change
+                out = out.copy()
                 out.sort_indices()
             return out
         new = self.col_map[csr.indices]
@@ -161,6 +162,7 @@ class Alignment:
                             shape=(csr.shape[0], self.n_vocab))
         # vocab order may differ from source order; CSR readers expect sorted columns
         if not (self._monotonic and csr.has_sorted_indices):
+            out = out.copy()  # the values may be ``csr``'s own array
             out.sort_indices()
         return out
 

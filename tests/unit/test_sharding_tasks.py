@@ -175,3 +175,17 @@ def test_counts_beyond_uint16_widen_one_tasks_spool_and_every_value_survives(tmp
         assert a.X.nnz == np.count_nonzero(got)
     assert sum(anndata.read_zarr(tmp_path / "one" / s["path"]).X.dtype == np.float32
                for s in one["zarr"]["shards"]) >= 1
+
+
+def test_an_unfinished_build_with_an_older_spool_format_starts_over(sources, tmp_path):
+    """A plan whose spool an earlier version wrote (float32/int32 files) is not resumed: read back with this
+    version's dtypes it would be garbage."""
+    out = tmp_path / "c"
+    plan_build(config(sources, out), 1, log=lambda _m: None)
+    path = out / ".build" / "plan.json"
+    plan = json.loads(path.read_text())
+    plan["fingerprint"] = plan["fingerprint"].rsplit("/spool=", 1)[0]  # as the version before the uint16 spool
+    path.write_text(json.dumps(plan))
+    lines: list[str] = []
+    m = build(config(sources, out), log=lines.append)
+    assert any("starting over" in ln for ln in lines) and verify(out) == [] and m["n_cells"] > 0

@@ -87,6 +87,7 @@ def test_apply_fast_paths_keep_rows_sorted() -> None:
     unsorted = sp.csr_matrix((np.array([5.0, 7.0, 1.0], dtype=np.float32), np.array([3, 0, 2]),
                               np.array([0, 2, 3])), shape=(2, 4))
     assert not unsorted.has_sorted_indices
+    before = (unsorted.data.copy(), unsorted.indices.copy())
     identity = align(SourceGenes(["TSPAN6", "TNMD", "DPM1", "PLCXD1"]), VOCAB)
     y = identity.apply(unsorted)
     assert y.has_sorted_indices and y.indices.dtype == np.int32
@@ -97,6 +98,9 @@ def test_apply_fast_paths_keep_rows_sorted() -> None:
     np.testing.assert_array_equal(z.toarray(), [[7, 0, 0, 5], [0, 0, 1, 0]])
     sorted_rows = subset.apply(sp.csr_matrix(np.array([[1, 2, 3, 4]], dtype=np.float32)))
     np.testing.assert_array_equal(sorted_rows.toarray(), [[1, 0, 3, 4]])
+    # the input's arrays are the source block's (the build no longer copies a block before aligning it)
+    np.testing.assert_array_equal(unsorted.data, before[0])
+    np.testing.assert_array_equal(unsorted.indices, before[1])
 
 
 def test_one_vocabulary_hash_and_one_export_format_version_on_every_side():
