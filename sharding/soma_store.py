@@ -81,13 +81,12 @@ def write_rows(uri: Path, offset: int, csr: sp.csr_matrix, obs: pd.DataFrame, *,
                                                                                  pa.large_string())
     with soma.DataFrame.open(f"{uri}/obs", "w") as df:
         df.write(pa.table(table))
-    with soma.SparseNDArray.open(x_uri, "r") as arr:
-        n_rows, n_cols = arr.shape
-    if offset + n > n_rows or csr.shape[1] > n_cols:
-        raise ValueError(f"{x_uri}: rows {offset}-{offset + n - 1} x {csr.shape[1]} genes are outside X's shape "
-                         f"{(n_rows, n_cols)}")
     ctx = soma.SOMATileDBContext(tiledb_config=_WRITE_CONFIG)
     with soma.SparseNDArray.open(x_uri, "w", context=ctx) as arr:
+        n_rows, n_cols = arr.shape
+        if offset + n > n_rows or csr.shape[1] > n_cols:
+            raise ValueError(f"{x_uri}: rows {offset}-{offset + n - 1} x {csr.shape[1]} genes are outside X's "
+                             f"shape {(n_rows, n_cols)}")
         arr.write(x_table(csr, offset),
                   platform_config={"tiledb": {"write": {"sort_coords": False}}})
 

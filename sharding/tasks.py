@@ -133,7 +133,7 @@ def make_plan(cfg: BuildConfig, tasks: int, log: Log) -> dict[str, Any]:
         n_cells = [s.n_cells for s in sources]
         if tasks == 0:
             tasks = pass2_jobs(0, sum(n_cells), len(input_blocks(n_cells, cfg.block_rows)))
-        key = f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}/spool={SPOOL_FORMAT}"
+        key = _plan_key(cfg, sources, vocab, tasks)
         files = [str(f) for s in sources for f in s.files()]
     finally:
         for s in sources:
@@ -166,9 +166,14 @@ def read_plan(out: Path | str, missing_ok: bool = False) -> dict[str, Any] | Non
                          "--tasks N` first") from None
 
 
+def _plan_key(cfg: BuildConfig, sources: list[Source], vocab: Vocab, tasks: int) -> str:
+    """What a plan is valid for: the inputs and options, the task count and the spool's file format."""
+    return f"{fingerprint(cfg, sources, vocab)}/tasks={tasks}/spool={SPOOL_FORMAT}"
+
+
 def check_unchanged(plan: dict[str, Any], cfg: BuildConfig, sources: list[Source], vocab: Vocab) -> None:
     """A task reads the inputs the plan checked: same files (size, mtime), options and vocabulary."""
-    if f"{fingerprint(cfg, sources, vocab)}/tasks={plan['tasks']}/spool={SPOOL_FORMAT}" != plan["fingerprint"]:
+    if _plan_key(cfg, sources, vocab, plan["tasks"]) != plan["fingerprint"]:
         raise InputError(f"{cfg.out}: the sources changed since --plan (a file's size or time differs); run "
                          "--plan again (with --overwrite if a corpus was published)")
 

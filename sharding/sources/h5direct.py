@@ -53,7 +53,7 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> None:
 
 def direct(fd: int, ds: Any) -> DirectArray | None:
     """A DirectArray for h5py dataset ``ds`` of the file open as ``fd``, or None when its bytes are not plain."""
-    if not hasattr(os, "preadv") or ds.ndim != 1 or ds.is_virtual or ds.external is not None:
+    if ds.ndim != 1 or ds.is_virtual or ds.external is not None:  # (no preadv: open_fd gave no fd)
         return None
     dtype = ds.dtype
     if dtype.kind not in "iuf" or not dtype.isnative:
