@@ -15,7 +15,7 @@ and a 20M-cell synthetic corpus with its wall time and peak memory.
       - tiledbsoma:       anndata.read_h5ad(IN) then tiledbsoma.io.from_anndata(OUT, adata, "RNA")
       - annbatch:         DatasetCollection(OUT).add_adatas([IN], shuffle=True) (its pre-shuffled store,
                           zarrs pipeline; in its own Python >= 3.12 venv, made in --venv-dir when missing,
-                          as ``benchmarks.bench_loader`` makes it)
+                          as ``benchmarks.bench_loader`` makes it: ``benchmarks.peer_envs``)
     Each runs in its own process; the figures are end to end from the h5ad (ours also validate, align,
     shuffle across shards and checksum). Baselines also report their write step alone.
 (b) big: python -m sharding build --source synthetic://cells=N,genes=2000,density=0.01 --format zarr, for
@@ -239,7 +239,8 @@ def run_compare(args: argparse.Namespace, work: Path) -> list[Run]:
 
 def run_annbatch(args: argparse.Namespace, work: Path, source: Path) -> Run:
     """annbatch's writer on the same h5ad, with the settings ``bench_loader`` builds its collection with."""
-    from benchmarks.bench_loader import ANNBATCH_BUILD, PEERS, ensure_venv
+    from benchmarks.loader_stores import ANNBATCH_BUILD
+    from benchmarks.peer_envs import PEERS, ensure_venv
 
     name = "annbatch: DatasetCollection.add_adatas(shuffle=True)"
     venv = ensure_venv("annbatch", args.venv_dir.resolve(), skip_create=False)

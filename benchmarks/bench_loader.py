@@ -27,332 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-PEERS = Path(__file__).resolve().parent / "peers"
+from benchmarks.loader_report import report
+from benchmarks.loader_stores import build_annbatch, build_corpus, stamp_ok, tree_bytes, warm
+from benchmarks.peer_envs import PEERS, ROOT, ensure_venv, log, peer_env, project_env, run_sampled
+
 PROJECT_PY = sys.executable
 
-ANNBATCH_PKGS = ["annbatch[zarrs,numba]==0.3.1", "zarrs==0.2.3", "psutil"]
-PEER_PKGS = ["tiledbsoma-ml==0.1.0", "scdataset==0.3.0", "psutil"]
-TORCH_PIN = "torch==2.13.0"  # as in the Makefile: a local CPU build; unpinned would pull CUDA wheels
 
 GROUPS = ("ours", "annbatch", "scdataset", "tiledbsoma-ml", "annloader", "ceilings", "steady", "sorted")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- subprocess + RSS
-
-
-@dataclass
-class Proc:
-    rc: int | None
-    seconds: float
-    peak_tree_mb: float | None  # sampled sum of RSS over the process and its descendants
-    timed_out: bool
-    stalled: bool
-    log_tail: str
-
-
-def run_sampled(cmd: list[str], *, log_path: Path, timeout: float, env: dict | None = None,
-                cwd: Path = ROOT, progress: Path | None = None, stall: float = 0) -> Proc:
-    """Run ``cmd`` (output to ``log_path``) while sampling the RSS of its whole process tree.
-
-    Killed (with its workers: it runs in its own session) after ``timeout`` seconds, or when
-    ``progress`` (a file the runner touches per batch) has not changed for ``stall`` seconds.
-    """
-    try:
-        import psutil
-    except ImportError:  # sampling is a bonus: getrusage in the runner still gives per-process peaks
-        psutil = None
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if progress is not None:
-        progress.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    with open(log_path, "wb") as out:
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                             start_new_session=True)
-        peak = [0.0]
-        stalled = [False]
-        stop = threading.Event()
-
-        def sample() -> None:
-            root = None
-            if psutil is not None:
-                try:
-                    root = psutil.Process(p.pid)
-                except psutil.Error:
-                    root = None
-            started = time.time()
-            while not stop.is_set():
-                if root is not None:
-                    total = 0
-                    try:
-                        procs = [root] + root.children(recursive=True)
-                    except psutil.Error:
-                        procs = []
-                    for q in procs:
-                        try:
-                            total += q.memory_info().rss
-                        except psutil.Error:
-                            pass
-                    peak[0] = max(peak[0], total / 2**20)
-                if stall and progress is not None:
-                    try:
-                        last = progress.stat().st_mtime
-                    except OSError:
-                        last = started
-                    if time.time() - last > stall:
-                        stalled[0] = True
-                        try:
-                            os.killpg(p.pid, 9)
-                        except OSError:
-                            pass
-                        return
-                stop.wait(0.05)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        timed_out = False
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(p.pid, 9)  # the runner's own session: itself and its workers, nothing else
-            rc = p.wait()
-        stop.set()
-        th.join()
-    tail = log_path.read_bytes()[-3000:].decode(errors="replace")
-    return Proc(rc, time.perf_counter() - t0, peak[0] if psutil else None, timed_out, stalled[0], tail)
-
-
-def project_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def peer_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return env
-
-
-# ----------------------------------------------------------------------------- peer venvs
-
-
-def _probe(python: str) -> tuple[int, int] | None:
-    try:
-        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], check=False,
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    major, minor = out.stdout.split()
-    return int(major), int(minor)
-
-
-def find_python(want: tuple[int, int], exact: bool) -> str | None:
-    """An interpreter of version ``want`` (or newer unless ``exact``): PATH, then pyenv's versions."""
-    names = [f"python{want[0]}.{want[1]}"]
-    if not exact:
-        names += [f"python3.{m}" for m in range(want[1] + 1, 16)]
-    cands: list[str] = []
-    if exact and sys.version_info[:2] == want:
-        cands.append(getattr(sys, "_base_executable", sys.executable))
-    cands += [p for n in names if (p := shutil.which(n))]
-    roots = [Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))]
-    for r in roots:
-        vers = sorted((r / "versions").glob("3.*"), key=lambda p: [int(x) if x.isdigit() else 0
-                                                                    for x in p.name.split(".")], reverse=True)
-        cands += [str(v / "bin" / "python") for v in vers if (v / "bin" / "python").exists()]
-    found = [(c, v) for c in dict.fromkeys(cands) if (v := _probe(c))]
-    for c, v in found:  # the version asked for first, a newer one only when it is missing
-        if v == want:
-            return c
-    if not exact:
-        newer = sorted((v, c) for c, v in found if v > want)
-        if newer:
-            return newer[0][1]
-    return None
-
-
-@dataclass
-class Venv:
-    name: str
-    python: str | None = None
-    reason: str | None = None  # why it is unavailable
-    versions: dict = field(default_factory=dict)
-
-
-def ensure_venv(name: str, venv_dir: Path, *, skip_create: bool) -> Venv:
-    """Create ``venv_dir/venv-<name>`` when missing or broken (idempotent); log to venv-<name>.log."""
-    path = venv_dir / f"venv-{name}"
-    logf = venv_dir / f"venv-{name}.log"
-    if name == "annbatch":
-        want, exact, check = (3, 12), False, "import annbatch, zarrs, numba, psutil"
-        pkgs = ["annbatch", "zarrs", "zarr", "anndata", "numba"]  # versions reported (pins are checked too)
-    else:
-        want, exact, check = (3, 11), True, "import tiledbsoma_ml, scdataset, torch, anndata, psutil"
-        pkgs = ["tiledbsoma-ml", "tiledbsoma", "scdataset", "torch", "anndata"]
-    py = path / "bin" / "python"
-    vers_cmd = ("import importlib.metadata as m, json, sys; d={'python': sys.version.split()[0]}\n"
-                f"for n in {pkgs!r}:\n    d[n]=m.version(n)\nprint(json.dumps(d))")
-
-    def ready() -> dict | None:
-        if not py.exists():
-            return None
-        r = subprocess.run([str(py), "-c", check + "\n" + vers_cmd], check=False, capture_output=True,
-                           text=True, env=peer_env())
-        return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
-
-    pins = ANNBATCH_PKGS if name == "annbatch" else [TORCH_PIN, *PEER_PKGS]
-    pins = dict(x.split("==") for x in pins if "==" in x)
-    pins = {k.split("[")[0]: v for k, v in pins.items()}
-
-    def pinned(got: dict) -> bool:  # a venv made with other pins is made again
-        return all(str(got.get(k) or "").split("+")[0] == v for k, v in pins.items())
-
-    got = ready()
-    if got and pinned(got):
-        return Venv(name, str(py), None, got)
-    if skip_create:
-        return Venv(name, None, f"{path} is missing or broken and --no-venv-create was given")
-    base = find_python(want, exact)
-    if base is None:
-        need = f"Python {want[0]}.{want[1]}" + ("" if exact else "+")
-        return Venv(name, None, f"no {need} interpreter found (PATH or ~/.pyenv/versions)")
-    log(f"creating {path} with {base} (log: {logf})")
-    shutil.rmtree(path, ignore_errors=True)
-    pip = [str(py), "-m", "pip", "install", "--progress-bar", "off"]
-    steps = [[base, "-m", "venv", str(path)], pip + ["--upgrade", "pip"]]
-    if name == "annbatch":
-        steps.append(pip + ANNBATCH_PKGS)
-    else:
-        steps.append(pip + [TORCH_PIN])
-        steps.append(pip + ["-c", str(ROOT / "constraints.txt")] + PEER_PKGS)
-    with open(logf, "a") as lf:
-        for i, cmd in enumerate(steps):
-            lf.write(f"\n$ {' '.join(cmd)}\n")
-            lf.flush()
-            r = subprocess.run(cmd, check=False, stdout=lf, stderr=subprocess.STDOUT, env=peer_env())
-            if r.returncode != 0 and "-c" in cmd:  # the project's pins do not resolve: without them
-                cmd = [c for j, c in enumerate(cmd) if c != "-c" and (j == 0 or cmd[j - 1] != "-c")]
-                lf.write(f"\n(constraints did not resolve; retrying without)\n$ {' '.join(cmd)}\n")
-                lf.flush()
-                r = subprocess.run(cmd, check=False, stdout=lf, stderr=subprocess.STDOUT, env=peer_env())
-            if r.returncode != 0:
-                tail = logf.read_text(errors="replace").strip().splitlines()[-1:]
-                why = " ".join(tail)[:200]
-                return Venv(name, None, f"`{' '.join(cmd[:6])} ...` failed: {why} (see {logf})")
-    got = ready()
-    if not got:
-        return Venv(name, None, f"{path}: '{check}' fails after install (see {logf})")
-    return Venv(name, str(py), None, got)
-
-
-# ----------------------------------------------------------------------------- stores
-
-
-def warm(paths: list[Path]) -> None:
-    """Read every file under ``paths`` once, so the run starts with a warm page cache."""
-    buf = bytearray(16 << 20)
-    for p in paths:
-        files = [p] if p.is_file() else [Path(d) / f for d, _, fs in os.walk(p) for f in fs]
-        for f in files:
-            try:
-                with open(f, "rb", buffering=0) as fh:
-                    while fh.readinto(buf):
-                        pass
-            except OSError:
-                pass
-
-
-def _stamp_ok(stamp: Path, wanted: dict) -> bool:
-    try:
-        return json.loads(stamp.read_text()).get("params") == wanted
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def build_corpus(source: str, out: Path, *, fmt: str, jobs: int, timeout: float, skip_build: bool,
-                 params: dict, extra: list[str] = ()) -> dict:
-    """Our corpus via the real CLI; reused when built from the same inputs. Returns build info."""
-    stamp = out.with_name(out.name + ".json")
-    wanted = {"source": params, "format": fmt, **({"options": list(extra)} if extra else {})}
-    if (out / "manifest.json").exists() and _stamp_ok(stamp, wanted):
-        return json.loads(stamp.read_text())
-    if skip_build:
-        raise FileNotFoundError(f"{out}: no corpus built from these parameters (run without --skip-build)")
-    cmd = [PROJECT_PY, "-m", "sharding", "build", "--source", source, "--out", str(out), "--format", fmt,
-           "--jobs", str(jobs), "--no-progress", *extra]
-    if (out / "manifest.json").exists():
-        cmd.append("--overwrite")  # built from other inputs: rebuild
-    log(f"building our corpus: {' '.join(cmd[2:])}")
-    pr = run_sampled(cmd, log_path=out.with_name(out.name + ".build.log"), timeout=timeout, env=project_env())
-    if pr.rc != 0:
-        raise RuntimeError(f"sharding build failed (rc {pr.rc}): {pr.log_tail[-800:]}")
-    m = json.loads((out / "manifest.json").read_text())
-    info = {"params": wanted, "seconds": pr.seconds, "peak_tree_mb": pr.peak_tree_mb, "n_cells": m["n_cells"],
-            "n_shards": len(m["zarr"]["shards"]) if m.get("zarr") else 0, "bytes": _du(out)}
-    stamp.write_text(json.dumps(info, indent=1))
-    return info
-
-
-ANNBATCH_BUILD = {"n_obs_per_chunk": 64, "dataset_size": 65536, "shuffle_chunk_size": 1000}
-
-
-def build_annbatch(python: str, h5ad: Path, store: Path, src: dict, runs_dir: Path, builds: dict,
-                   a: argparse.Namespace) -> str | None:
-    """annbatch's pre-shuffled collection (in its venv), reused when built from the same source.
-
-    Returns None, or why it could not be built."""
-    name = "annbatch collection (add_adatas, shuffle=True)"
-    params = {"source": src["params"], **ANNBATCH_BUILD, "seed": a.seed, "annbatch": ANNBATCH_PKGS[0]}
-    stamp = store.with_name(store.name + ".json")
-    if store.exists() and _stamp_ok(stamp, params):
-        builds[name] = json.loads(stamp.read_text())["build"]
-        return None
-    if a.skip_build:
-        return f"{store} is missing or was built from other inputs (run without --skip-build)"
-    shutil.rmtree(store, ignore_errors=True)
-    log("building annbatch's collection")
-    res_path = runs_dir / "annbatch-build.result.json"
-    res_path.unlink(missing_ok=True)
-    spec = {"mode": "build", "store": str(store), "h5ad": str(h5ad), "n_cells": src["n_cells"],
-            **ANNBATCH_BUILD, "seed": a.seed, "result": str(res_path)}
-    (runs_dir / "annbatch-build.spec.json").write_text(json.dumps(spec))
-    warm([h5ad])
-    pr = run_sampled([python, str(PEERS / "annbatch_run.py"), str(runs_dir / "annbatch-build.spec.json")],
-                     log_path=runs_dir / "annbatch-build.log", timeout=a.build_timeout, env=peer_env())
-    try:
-        r = json.loads(res_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        r = {"status": f"failed: rc {pr.rc}: {pr.log_tail.strip()[-300:]}"}
-    if r.get("status") != "ok":
-        builds[name] = {"status": r.get("status")}
-        return f"its store could not be built: {r.get('status')}"
-    b = {"seconds": r["seconds"], "cells": src["n_cells"], "peak_tree_mb": pr.peak_tree_mb,
-         "bytes": _du(store), "status": "ok"}
-    stamp.write_text(json.dumps({"params": params, "build": b}))
-    builds[name] = b
-    return None
-
-
-def _du(p: Path) -> int:
-    return sum((Path(d) / f).stat().st_size for d, _, fs in os.walk(p) for f in fs)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -447,51 +137,6 @@ class Quality:
         exp = np.array([self.expected(int(s)) for s in sizes])
         ok = exp > 0
         return float(np.mean(ent[ok] / exp[ok])) if ok.any() else None
-
-
-# ----------------------------------------------------------------------------- table
-
-
-def _fmt_int(x) -> str:
-    return "—" if x is None else f"{x:,.0f}"
-
-
-def _fmt_gb(mb) -> str:
-    return "—" if mb is None else f"{mb / 1024:.2f} GB"
-
-
-def _tree_mb(res: dict) -> float | None:
-    """Peak RSS of the loader and its workers together: the sampled sum, but never below the main
-    process's own high-water mark (a run shorter than the 50 ms sampling period is still right)."""
-    vals = [v for v in (res.get("peak_tree_mb"), res.get("maxrss_self_mb")) if v]
-    return max(vals) if vals else None
-
-
-def _one_mb(res: dict) -> float | None:
-    return max(res.get("maxrss_self_mb") or 0, res.get("maxrss_children_mb") or 0) or None
-
-
-def table(rows: list[dict]) -> str:
-    head = ("| loader | store | output | workers | cells | cells/s | first batch | peak RSS (all procs) "
-            "| max RSS (one proc) | shuffle quality | status |")
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        res = r["result"]
-        st = res.get("status", "?")
-        ok = st.startswith("ok")
-        q = res.get("shuffle_quality")
-        one = _one_mb(res)
-        lines.append("| " + " | ".join([
-            r["loader"], r["store"], r["output"], r["workers"],
-            _fmt_int(res.get("cells")) if ok else "—",
-            f"**{res['cells_per_s']:,.0f}**" if ok and res.get("cells_per_s") else "—",
-            f"{res['first_batch_s']:.2f} s" if ok and res.get("first_batch_s") is not None else "—",
-            _fmt_gb(_tree_mb(res)) if ok else "—",
-            _fmt_gb(one) if ok else "—",
-            f"{q:.3f}" if (ok and q is not None) else "—",
-            st.replace("|", "/")[:160],
-        ]) + " |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- main
@@ -717,7 +362,7 @@ def main(argv=None) -> int:
             builds["our corpus (sharding build --format both)"] = {"status": f"failed: {e}"[:300]}
     if a.sorted_soma and any(r.group == "sorted" for r in runs):
         stamp = sorted_soma.with_name(sorted_soma.name + ".json")
-        if not (sorted_soma.exists() and _stamp_ok(stamp, src["params"])):
+        if not (sorted_soma.exists() and stamp_ok(stamp, src["params"])):
             log("building the type-sorted SOMA experiment (our SOMA writer, the source's row order)")
             shutil.rmtree(sorted_soma, ignore_errors=True)
             code = ("import sys; from pathlib import Path; from benchmarks.loader_data import write_sorted_soma; "
@@ -729,7 +374,7 @@ def main(argv=None) -> int:
             stamp.write_text(json.dumps({"params": src["params"], "seconds": pr.seconds}))
             builds["type-sorted SOMA (our writer, source row order)"] = {
                 "seconds": pr.seconds, "cells": src["n_cells"], "peak_tree_mb": pr.peak_tree_mb,
-                "bytes": _du(sorted_soma), "status": "ok"}
+                "bytes": tree_bytes(sorted_soma), "status": "ok"}
     ab_err = None
     if "annbatch" in venvs and venvs["annbatch"].python:
         ab_err = build_annbatch(venvs["annbatch"].python, h5ad, ab_store, src, runs_dir, builds, a)
@@ -820,92 +465,6 @@ def main(argv=None) -> int:
         "venvs": {k: vars(v) for k, v in venvs.items()}}, indent=1, default=str))
     log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0
-
-
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=False,
-                             capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "data_loader", "sharding"], cwd=ROOT,
-                               check=False, capture_output=True, text=True).stdout.strip()
-        return rev.stdout.strip() + (" (data_loader/ or sharding/ modified)" if dirty else "")
-    except OSError:
-        return "?"
-
-
-def _builds_table(builds: dict) -> list[str]:
-    L = ["| store | seconds | cells/s | peak RSS | size on disk | status |", "|---|---|---|---|---|---|"]
-    for name, b in builds.items():
-        ok = str(b.get("status")).startswith("ok")
-        secs = b.get("seconds") if ok else None
-        rate = f"{b['cells'] / secs:,.0f}" if secs else "—"
-        size = f"{(b.get('bytes') or 0) / 2**30:.2f} GB" if ok else "—"
-        secs_s = f"{secs:,.1f}" if secs else "—"
-        peak = _fmt_gb(b.get("peak_tree_mb"))
-        L.append(f"| {name} | {secs_s} | {rate} | {peak} | {size} | {b.get('status')} |")
-    return L
-
-
-def _rss_table(a, rss_rows: list[dict]) -> list[str]:
-    L = ["", (f"### Our loader's peak RSS vs corpus size ({a.rss_batches} batches of {a.batch_size:,} "
-         "read from each)"), "",
-         ("| backend | workers | corpus cells | peak RSS (all procs) | max RSS (one proc) | first batch "
-         "| status |"),
-         "|---|---|---|---|---|---|---|"]
-    by: dict = {}
-    for r in rss_rows:
-        res = r["result"]
-        first = f"{res['first_batch_s']:.2f} s" if res.get("first_batch_s") is not None else "—"
-        L.append(f"| {r['backend']} | {r['workers']} | {r['corpus_cells']:,} | {_fmt_gb(_tree_mb(res))} "
-                 f"| {_fmt_gb(_one_mb(res))} | {first} | {res.get('status')} |")
-        if str(res.get("status")).startswith("ok"):
-            by.setdefault((r["backend"], r["workers"]), []).append((r["corpus_cells"], _one_mb(res)))
-    for (b, w), v in by.items():
-        if len(v) >= 2:
-            v.sort()
-            L.append(f"\n{b}, {w} workers: max RSS x{v[-1][1] / v[0][1]:.2f} from {v[0][0]:,} to "
-                     f"{v[-1][0]:,} cells (target: <= 1.10)")
-    return L
-
-
-def report(a, src, measure, rows, builds, rss_rows, venvs, profiles, total_s) -> str:
-    import platform
-
-    L = [(f"## Loader benchmark: {src['n_cells']:,} cells x {src['n_genes']:,} genes, "
-         f"{src['nnz_per_cell']:,.0f} nnz/cell, stored sorted by cell type; batch {a.batch_size:,}"),
-         "",
-         (f"Machine: {os.cpu_count()} cores, {platform.platform()}. Warm page cache (each store read once "
-         f"before its run); each loader in its own process, warmed up on a throw-away instance; "
-         f"{measure:,} cells timed per loader (one pass)."),
-         f"Commit {_git_rev()}; {time.strftime('%Y-%m-%d %H:%M')}; whole benchmark {total_s / 60:.1f} min.",
-         "", table(rows), "",
-         ("cells/s: cells delivered / seconds from asking for the first batch to receiving the last (the "
-         "pass's start-up, e.g. DataLoader workers, and its first fetch included). peak RSS (all procs): "
-         "the loader process and its workers together (sampled). max RSS (one proc): kernel high-water "
-         "mark of the largest single process. shuffle quality: mean batch label entropy / entropy of a "
-         "random batch of the same size (1.0 = perfect)."), "",
-         "### Store builds", ""]
-    L += _builds_table(builds)
-    if rss_rows:
-        L += _rss_table(a, rss_rows)
-    L += ["", "### Versions", ""]
-    ours = next((r["result"].get("versions") for r in rows
-                 if r["group"] == "ours" and r["result"].get("versions")), None)
-    L.append(f"- ours: scpretrain {_git_rev()}" + ("; " + ", ".join(f"{k} {v}" for k, v in ours.items())
-                                                    if ours else ""))
-    for name, v in venvs.items():
-        L.append(f"- venv-{name}: " + (", ".join(f"{k} {x}" for k, x in v.versions.items()) if v.python
-                                       else f"unavailable: {v.reason}"))
-    ceil = next((r["result"].get("versions") for r in rows if r["group"] == "ceilings"
-                 and r["result"].get("versions")), None)
-    if ceil:
-        L.append("- ceilings (project venv): " + ", ".join(f"{k} {x}" for k, x in ceil.items()))
-    for backend, txt in profiles.items():
-        body = [ln for ln in txt.strip().splitlines() if ".prof" not in ln]
-        L += ["", f"### cProfile: our loader ({backend}), 0 workers, read-ahead off, top 15 by own time", "",
-              (f"Full listing: profile_ours_{backend}_w0.txt. Under the profiler numba-compiled calls look "
-              "several times slower than they run."), "", "```", "\n".join(body[:40]), "```"]
-    return "\n".join(L) + "\n"
 
 
 if __name__ == "__main__":
