@@ -176,8 +176,26 @@ def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
     return pos, out_ptr
 
 
-def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None) -> Block:
-    """Rows of ``block`` in ``order`` (a permutation or subset); output buffers from ``pool`` when given."""
+_GATHER_HELPER = None
+_GATHER_LOCK = threading.Lock()
+GATHER_SPLIT_NNZ = 1 << 20  # below this a second thread costs more than it saves
+
+
+def _gather_helper():
+    """The process's one helper thread for two-thread gathers (created on first use)."""
+    global _GATHER_HELPER
+    with _GATHER_LOCK:
+        if _GATHER_HELPER is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _GATHER_HELPER = ThreadPoolExecutor(1, thread_name_prefix="loader-gather")
+        return _GATHER_HELPER
+
+
+def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None, threads: int = 1) -> Block:
+    """Rows of ``block`` in ``order`` (a permutation or subset); output buffers from ``pool`` when given.
+    ``threads=2`` gathers the two halves at once (numba releases the GIL): for a reader whose decode threads
+    are idle while a batch is gathered (SOMA: 0.6 of 6 s per 200k cells at one thread)."""
     order = np.asarray(order, dtype=np.int64)
     lens = block.indptr[order + 1] - block.indptr[order]
     indptr = np.zeros(len(order) + 1, dtype=np.int64)
@@ -186,17 +204,25 @@ def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None) -
     if _gather is not None:
         idx = pool.get(nnz, block.indices.dtype) if pool else np.empty(nnz, dtype=block.indices.dtype)
         dat = pool.get(nnz, block.data.dtype) if pool else np.empty(nnz, dtype=block.data.dtype)
-        _gather(block.indptr, block.indices, block.data, order, indptr, idx, dat)
+        if threads > 1 and nnz >= GATHER_SPLIT_NNZ:
+            h = int(np.searchsorted(indptr, nnz // 2))  # rows [0, h) hold about half the non-zeros
+            first = _gather_helper().submit(_gather, block.indptr, block.indices, block.data, order[:h],
+                                            indptr[:h + 1], idx, dat)
+            _gather(block.indptr, block.indices, block.data, order[h:], indptr[h:], idx, dat)
+            first.result()
+        else:
+            _gather(block.indptr, block.indices, block.data, order, indptr, idx, dat)
     else:
         src = np.repeat(block.indptr[order] - indptr[:-1], lens) + np.arange(nnz, dtype=np.int64)
         idx, dat = block.indices[src], block.data[src]
     return Block(indptr, idx, dat, block.cell_id[order], {k: v[order] for k, v in block.obs.items()})
 
 
-def slice_rows(block: Block, lo: int, hi: int) -> Block:
-    """Rows [lo, hi) without copying the non-zeros (a block held in read order: those rows gathered)."""
+def slice_rows(block: Block, lo: int, hi: int, threads: int = 1) -> Block:
+    """Rows [lo, hi) without copying the non-zeros (a block held in read order: those rows gathered, on
+    ``threads`` threads)."""
     if block.order is not None:
-        return take_rows(block, block.order[lo:hi])
+        return take_rows(block, block.order[lo:hi], threads=threads)
     a, b = int(block.indptr[lo]), int(block.indptr[hi])
     return Block(block.indptr[lo: hi + 1] - a, block.indices[a:b], block.data[a:b], block.cell_id[lo:hi],
                  {k: v[lo:hi] for k, v in block.obs.items()})

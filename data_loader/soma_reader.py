@@ -13,46 +13,82 @@ MIB = 1 << 20
 # Loader memory a SOMA reader plans for (``data.soma_memory_budget``, MiB): TileDB's buffers, one read's Arrow
 # tables and the windows in flight. Chosen from the measurements in BENCHMARKS.md (SOMA memory).
 DEFAULT_MEMORY_BUDGET_MB = 512
-# bytes per non-zero: an Arrow result (int64 row, int64 column, float32 value) and our window (uint16 + float32)
-ARROW_BYTES, WINDOW_BYTES = 20, 6
+# bytes per non-zero of an Arrow result (int64 row, int64 column, float32 value)
+ARROW_BYTES = 20
 
 
-def _append_sorted_py(dim0, dim1, val, q, last, out_idx, out_dat, off, counts):  # pragma: no cover - numba target
-    """Copy one result table into the window at ``off`` (gene index narrowed, value cast) and count each row's
-    non-zeros, in one pass; both ``dim0`` and the query's joinids ``q`` are sorted, so rows are found by a
-    merge walk. Returns False, having written nothing, when ``dim0`` is out of row order (or before ``last``)."""
-    prev = last
-    for i in range(dim0.shape[0]):
-        if dim0[i] < prev:
-            return False
-        prev = dim0[i]
-    j = 0
-    for i in range(dim0.shape[0]):
+def _rows_unsorted_py(dim0, last):  # pragma: no cover - numba target
+    """True when ``dim0`` is out of row order or starts before ``last`` (a branch-free pass: it vectorizes)."""
+    bad = dim0[0] < last
+    for i in range(1, dim0.shape[0]):
+        bad |= dim0[i] < dim0[i - 1]
+    return bad
+
+
+def _copy_py(src, out):  # pragma: no cover - numba target
+    for i in range(src.shape[0]):
+        out[i] = src[i]
+
+
+def _copy_counts_py(src, out):  # pragma: no cover - numba target
+    """float32 counts -> uint16 through int32 (numba's direct float -> uint16 does not vectorize: 4x slower)."""
+    for i in range(src.shape[0]):
+        out[i] = np.int32(src[i])
+
+
+def _count_rows_py(dim0, q, counts):  # pragma: no cover - numba target
+    """Add each row's non-zeros of sorted ``dim0`` to ``counts`` (aligned with the sorted joinids ``q``): one
+    binary search per row, so the pass reads a few entries per row, not all of them."""
+    m = dim0.shape[0]
+    i, j = 0, 0
+    while i < m:
         r = dim0[i]
+        lo, hi = i + 1, m
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if dim0[mid] > r:
+                hi = mid
+            else:
+                lo = mid + 1
         while q[j] < r:
             j += 1
-        counts[j] += 1
-        out_idx[off + i] = dim1[i]
-        out_dat[off + i] = val[i]
-    return True
-
-
-def _append_sorted_np(dim0, dim1, val, q, last, out_idx, out_dat, off, counts):
-    if dim0[0] < last or (len(dim0) > 1 and np.any(dim0[1:] < dim0[:-1])):
-        return False
-    m = len(dim0)
-    out_idx[off:off + m] = dim1
-    out_dat[off:off + m] = val
-    counts += np.searchsorted(dim0, q, side="right") - np.searchsorted(dim0, q, side="left")
-    return True
+        counts[j] += lo - i
+        i = lo
 
 
 try:
     import numba
 
-    _append_sorted = numba.njit(cache=True, nogil=True)(_append_sorted_py)
+    _jit = numba.njit(cache=True, nogil=True)
+    _rows_unsorted, _copy, _copy_counts, _count_rows = (
+        _jit(f) for f in (_rows_unsorted_py, _copy_py, _copy_counts_py, _count_rows_py))
 except ImportError:  # pragma: no cover
-    _append_sorted = _append_sorted_np
+    def _rows_unsorted(dim0, last):
+        return bool(dim0[0] < last or np.any(dim0[1:] < dim0[:-1]))
+
+    def _copy(src, out):
+        out[:] = src
+
+    _copy_counts = _copy
+
+    def _count_rows(dim0, q, counts):
+        counts += np.searchsorted(dim0, q, side="right") - np.searchsorted(dim0, q, side="left")
+
+
+def _append_sorted(dim0, dim1, val, q, last, out_idx, out_dat, off, counts) -> bool:
+    """Copy one result table into the window at ``off`` (gene index narrowed, value cast) and count each row's
+    non-zeros; both ``dim0`` and the query's joinids ``q`` are sorted. Returns False, having written nothing,
+    when ``dim0`` is out of row order (or before ``last``). Four passes that each vectorize (numba, no GIL) cost
+    half of one fused merge walk (0.74 vs 1.30 s per 200k cells of ~1,440 non-zeros)."""
+    m = len(dim0)
+    if m == 0:
+        return True
+    if _rows_unsorted(dim0, last):
+        return False
+    _copy(dim1, out_idx[off:off + m])
+    (_copy_counts if out_dat.dtype == np.uint16 else _copy)(val, out_dat[off:off + m])
+    _count_rows(dim0, q, counts)
+    return True
 
 
 _QUERY_JOBS: queue.Queue | None = None
@@ -101,12 +137,18 @@ class SomaReader:
     def __init__(self, uri: str, obs_columns: list[str], value_filter: str | None = None,
                  measurement: str = "RNA", layer: str = "raw", census_organism: str | None = None,
                  id_column: str = "cell_id", shard_sizes: list[int] | None = None,
-                 memory_budget_mb: int | None = None):
+                 memory_budget_mb: int | None = None, counts_dtype: np.typing.DTypeLike = np.float32,
+                 index_dtype: np.typing.DTypeLike | None = None):
         self.memory_budget = int(memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) * MIB
         if self.memory_budget < 64 * MIB:
             raise ValueError(f"data.soma_memory_budget: {memory_budget_mb} MiB is below the 64 MiB a SOMA read needs; "
                              f"set 64 or more (default {DEFAULT_MEMORY_BUDGET_MB})")
         self.uri, self.value_filter = str(uri), value_filter
+        # what the window holds and the batches carry: float32 (the SOMA type), or uint16 where the corpus's
+        # manifest says every count fits (as the Zarr backend's batches do): 4 bytes a non-zero instead of 6
+        self.counts_dtype = np.dtype(counts_dtype)
+        if self.counts_dtype not in (np.dtype(np.float32), np.dtype(np.uint16)):
+            raise ValueError(f"counts_dtype: {self.counts_dtype} is not float32 or uint16")
         self.measurement, self.layer, self.organism = measurement, layer, census_organism
         self.obs_columns, self.id_column = list(obs_columns), id_column
         self._local = threading.local()  # one open experiment per thread: two windows may be read at once
@@ -140,6 +182,10 @@ class SomaReader:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         X = exp.ms[self.measurement].X[self.layer]
         self.n_genes = int(X.shape[1])
+        self.index_dtype = np.dtype(index_dtype or (np.uint16 if self.n_genes <= 65536 else np.int32))
+        if self.index_dtype not in (np.dtype(np.uint16), np.dtype(np.int32)) or (
+                self.index_dtype == np.uint16 and self.n_genes > 65536):
+            raise ValueError(f"index_dtype: {self.index_dtype} cannot hold the gene index of {self.n_genes} genes")
         # the plan's first guess from the first 256 cells (X.nnz reads every fragment: 3 s at 200k cells),
         # refined by every window read
         self.nnz_per_row = 2000.0
@@ -167,10 +213,15 @@ class SomaReader:
         with 8 MiB buffers, 16,384-cell queries read 43k cells/s where 4,096-cell ones read 36k (BENCHMARKS.md)."""
         return int(min(65536, max(1024, _pow2_floor(2 ** 25 / self.nnz_per_row))))
 
+    @property
+    def window_bytes_per_nnz(self) -> int:
+        return self.index_dtype.itemsize + self.counts_dtype.itemsize
+
     def window_limit(self, window_rows: int) -> int:
         """Windows of ``window_rows`` cells that may exist at once (read ahead, being read, being consumed)
         within half the budget; at least 1."""
-        return max(1, int(self.memory_budget / 2 // max(1.0, window_rows * self.nnz_per_row * WINDOW_BYTES)))
+        window = max(1.0, window_rows * self.nnz_per_row * self.window_bytes_per_nnz)
+        return max(1, int(self.memory_budget / 2 // window))
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_bufs")}
@@ -291,11 +342,11 @@ class SomaReader:
         jids = self.joinids[rows] if self.joinids is not None else np.asarray(rows, dtype=np.int64)
         X = exp.ms[self.measurement].X[self.layer]
         n = len(jids)
-        idx_dtype = np.uint16 if self.n_genes <= 65536 else np.int32
         if self._bufs is None:
-            self._bufs = BufferPool(keep=2)  # one index and one value buffer: an outgrown pair is freed
+            # an index and a value buffer per window alive (two with read-ahead): an outgrown pair is freed
+            self._bufs = BufferPool(keep=4)
         cap = int(n * self.nnz_per_row * 1.5) + 1024  # untouched pages of the slack are never resident
-        out_idx, out_dat = self._bufs.get(cap, idx_dtype), self._bufs.get(cap, np.float32)
+        out_idx, out_dat = self._bufs.get(cap, self.index_dtype), self._bufs.get(cap, self.counts_dtype)
         counts = np.zeros(n, dtype=np.int64)
         nnz, last, q_nnz, late = 0, -1, 0, None
         for a, q, tbl in self._tables(X, jids):

@@ -98,7 +98,7 @@ class CorpusDataset(IterableDataset):
             block, cuts = item
             del item
             for lo, hi in cuts:
-                yield _to_batch(slice_rows(block, lo, hi), state.epoch)
+                yield _to_batch(slice_rows(block, lo, hi, threads), state.epoch)
             del block  # before the next window is read (no read ahead: one window in memory, not two)
 
 
@@ -128,6 +128,16 @@ def _prefetch(tasks: Iterator[tuple], depth: int, threads: int = 2) -> Iterator[
         for fut, _ in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stored_dtypes(manifest: dict) -> dict[str, np.dtype]:
+    """The gene index and count dtypes a corpus's batches carry: its Zarr shards' widest, else what a SOMA-only
+    build recorded; {} for corpora that recorded neither (the SOMA reader's own choice)."""
+    for part in ("zarr", "soma"):
+        dtypes = (manifest.get(part) or {}).get("dtypes") or {}
+        if "data" in dtypes:
+            return {k: np.dtype(v) for k, v in dtypes.items() if k in ("indices", "data")}
+    return {}
 
 
 PRESHUFFLED_BLOCK = 1024
@@ -238,8 +248,10 @@ class StreamingLoader:
                 soma_filter = f"({soma_filter}) and {split_filter}" if soma_filter else split_filter
             if soma_uri is None and soma_filter is None and self.manifest.get("zarr"):
                 sizes = [int(sh["n_cells"]) for sh in self.manifest["zarr"]["shards"]]
+            dtypes = {} if soma_uri is not None else stored_dtypes(self.manifest)
             return SomaReader(uri, obs_columns, value_filter=soma_filter, census_organism=organism, shard_sizes=sizes,
-                              memory_budget_mb=self.soma_memory_budget)
+                              memory_budget_mb=self.soma_memory_budget, counts_dtype=dtypes.get("data", np.float32),
+                              index_dtype=dtypes.get("indices"))
         raise ValueError(f"backend: {backend!r} is not one of 'zarr', 'soma'")
 
     @property

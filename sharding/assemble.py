@@ -40,7 +40,10 @@ def assemble_manifest(state: dict[str, Any], shards: list[dict[str, Any]], cfg: 
             for i, s in enumerate(shards)], "codec": cfg.codec, "chunk_nnz": zarr_store.CHUNK_NNZ,
             # the widest stored dtype over the shards: what the loader hands out for every batch
             "dtypes": {k: str(np.result_type(*[s["dtypes"][k] for s in shards])) for k in ("indices", "data")}},
-        "soma": None if cfg.format == "zarr" else {"path": "soma", "n_cells": n_cells, "nnz": nnz},
+        "soma": None if cfg.format == "zarr" else {"path": "soma", "n_cells": n_cells, "nnz": nnz, "dtypes": {
+            # a shard done by an older version recorded none: the widest then
+            k: str(np.result_type("uint16", *[s.get("soma_dtypes", {}).get(k, wide) for s in shards]))
+            for k, wide in (("indices", "int32"), ("data", "float32"))}},
         "splits": {} if split is None else {"holdout": {
             "by": split.column, **({"fraction": split.fraction} if split.fraction is not None else {}),
             "values": list(split.values) if split.fraction is None else state["holdout_values"],

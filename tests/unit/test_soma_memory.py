@@ -11,8 +11,10 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 
 from scpretrain.data_loader import StreamingLoader
-from scpretrain.data_loader.readers import slice_rows
+from scpretrain.data_loader import readers, soma_reader
+from scpretrain.data_loader.readers import Block, slice_rows, take_rows
 from scpretrain.data_loader.soma_reader import MIB, SomaReader
+from scpretrain.sharding.build import BuildConfig, build
 
 
 def fragmented_experiment(uri: Path, n: int = 3000, g: int = 400, pieces: int = 6, seed: int = 0) -> np.ndarray:
@@ -89,6 +91,10 @@ def test_the_budget_sets_tiledb_buffers_query_size_and_windows_in_flight(tmp_pat
     assert small.rows_per_read == big.rows_per_read == 16384
     # a 32,768-cell window of ~1,500 non-zeros is 295 MB: none ahead at 64 MiB, several at 4 GiB
     assert small.window_limit(32768) == 1 and big.window_limit(32768) == 7
+    # uint16 counts (our corpus's, when its manifest says they fit): 4 bytes a non-zero instead of 6
+    narrow = SomaReader(str(tmp_path / "exp"), [], memory_budget_mb=4096, counts_dtype=np.uint16)
+    narrow.nnz_per_row = 1500.0
+    assert narrow.window_bytes_per_nnz == 4 and narrow.window_limit(32768) == 10
     with pytest.raises(ValueError, match="data.soma_memory_budget: 32 MiB is below the 64 MiB"):
         SomaReader(str(tmp_path / "exp"), [], memory_budget_mb=32)
 
@@ -119,3 +125,86 @@ def test_exactly_once_and_resume_under_any_budget(tmp_path, budget):
     resumed.load_state_dict(state)
     rest = [c for b in resumed for c in b["cell_id"].numpy().tolist()]
     assert first + rest == seen
+
+
+def batches(loader) -> list:
+    return [(b["cell_id"].numpy(), b["indptr"].numpy(), b["indices"].numpy(), b["data"].numpy()) for b in loader]
+
+
+@pytest.mark.parametrize("x_dtype", ["auto", "float32"])
+def test_soma_batches_equal_the_zarr_batches_dtype_included(tmp_path, x_dtype):
+    """The SOMA backend of a corpus hands out what its Zarr backend does, value for value and dtype for dtype:
+    uint16 counts where the build found they fit (half the window's bytes), float32 where it did not."""
+    out = tmp_path / "c"
+    m = build(BuildConfig(sources=["synthetic://cells=1500,genes=120,datasets=2,density=0.2"], out=out,
+                          format="both", cells_per_shard=500, x_dtype=x_dtype, progress=False), log=lambda s: None)
+    want = "uint16" if x_dtype == "auto" else "float32"
+    assert m["zarr"]["dtypes"]["data"] == m["soma"]["dtypes"]["data"] == want
+
+    def run(backend):
+        return batches(StreamingLoader(out, backend=backend, batch_size=100, seed=5, rank=0, world_size=1,
+                                       block_size=64, window_batches=4, pin_memory=False))
+
+    z, s = run("zarr"), run("soma")
+    assert len(z) == len(s) == 15
+    for bz, bs in zip(z, s):
+        for a, b in zip(bz, bs):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert s[0][3].dtype == np.dtype(want)
+
+
+def test_a_soma_only_build_records_whether_its_counts_fit_uint16(tmp_path):
+    wide = tmp_path / "wide.h5ad"
+    x = sp.random(300, 40, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    x.data = np.ceil(x.data * 20)
+    x[7, 3] = 70_000.0  # one count past uint16: the SOMA batches stay float32 and keep it exact
+    import anndata as ad
+    import pandas as pd
+
+    ad.AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(300)]),
+               var=pd.DataFrame(index=[f"ENSG{i:011d}" for i in range(40)])).write_h5ad(wide)
+    for src, want in ((str(wide), "float32"), ("synthetic://cells=300,genes=40,density=0.3", "uint16")):
+        out = tmp_path / want
+        m = build(BuildConfig(sources=[src], out=out, format="soma", cells_per_shard=100, progress=False),
+                  log=lambda s: None)
+        assert m["zarr"] is None and m["soma"]["dtypes"] == {"indices": "uint16", "data": want}
+        got = batches(StreamingLoader(out, backend="soma", batch_size=50, seed=0, rank=0, world_size=1,
+                                      pin_memory=False))
+        data = np.concatenate([b[3] for b in got])
+        assert data.dtype == np.dtype(want) and len(np.concatenate([b[0] for b in got])) == 300
+        if want == "float32":
+            assert data.max() == 70_000.0
+
+
+def test_copy_into_the_window_matches_numpy_and_refuses_rows_out_of_order():
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.choice(5000, 300, replace=False)).astype(np.int64)
+    per = rng.integers(0, 9, size=len(q))
+    dim0 = np.repeat(q, per)
+    dim1 = rng.integers(0, 60000, size=len(dim0)).astype(np.int64)
+    val = rng.integers(1, 65535, size=len(dim0)).astype(np.float32)
+    for dtype in (np.uint16, np.float32):
+        out_idx, out_dat = np.zeros(len(dim0) + 9, np.uint16), np.zeros(len(dim0) + 9, dtype)
+        counts = np.zeros(len(q), np.int64)
+        assert soma_reader._append_sorted(dim0, dim1, val, q, -1, out_idx, out_dat, 9, counts)
+        assert np.array_equal(out_idx[9:], dim1) and np.array_equal(out_dat[9:], val.astype(dtype))
+        assert np.array_equal(counts, per)
+        swapped = dim0.copy()
+        swapped[[5, 200]] = swapped[[200, 5]]
+        untouched = np.zeros(3, np.uint16)
+        assert not soma_reader._append_sorted(swapped, dim1, val, q, -1, out_idx, out_dat, 0, counts)
+        assert not soma_reader._append_sorted(dim0, dim1, val, q, int(q[-1]), untouched, untouched, 0, counts)
+        assert not untouched.any()
+
+
+def test_two_thread_gather_equals_one(monkeypatch):
+    rng = np.random.default_rng(1)
+    csr = sp.random(2000, 300, density=0.1, format="csr", random_state=2, dtype=np.float32)
+    block = Block(csr.indptr.astype(np.int64), csr.indices.astype(np.uint16), csr.data,
+                  np.arange(2000, dtype=np.int64), {}, order=None)
+    order = rng.permutation(2000)
+    monkeypatch.setattr(readers, "GATHER_SPLIT_NNZ", 1000)  # this block's ~60k non-zeros are split
+    one, two = take_rows(block, order), take_rows(block, order, threads=2)
+    for a, b in ((one.indptr, two.indptr), (one.indices, two.indices), (one.data, two.data)):
+        assert np.array_equal(a, b)
+    assert np.array_equal(two.data, csr[order].toarray()[csr[order].toarray() != 0])
