@@ -9,6 +9,7 @@ Two backends behind one interface (``read(shard, start, stop)``, ``read_window(s
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -176,26 +177,19 @@ def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
     return pos, out_ptr
 
 
-_GATHER_HELPER = None
-_GATHER_LOCK = threading.Lock()
 GATHER_SPLIT_NNZ = 1 << 20  # below this a second thread costs more than it saves
 
-
+@functools.cache
 def _gather_helper():
     """The process's one helper thread for two-thread gathers (created on first use)."""
-    global _GATHER_HELPER
-    with _GATHER_LOCK:
-        if _GATHER_HELPER is None:
-            from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-            _GATHER_HELPER = ThreadPoolExecutor(1, thread_name_prefix="loader-gather")
-        return _GATHER_HELPER
+    return ThreadPoolExecutor(1, thread_name_prefix="loader-gather")
 
 
 def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None, threads: int = 1) -> Block:
-    """Rows of ``block`` in ``order`` (a permutation or subset); output buffers from ``pool`` when given.
-    ``threads=2`` gathers the two halves at once (numba releases the GIL): for a reader whose decode threads
-    are idle while a batch is gathered (SOMA: 0.6 of 6 s per 200k cells at one thread)."""
+    """Rows of ``block`` in ``order`` (a permutation or subset); output buffers from ``pool`` when given;
+    ``threads=2``: both halves at once (numba releases the GIL; SOMA's decode threads idle meanwhile)."""
     order = np.asarray(order, dtype=np.int64)
     lens = block.indptr[order + 1] - block.indptr[order]
     indptr = np.zeros(len(order) + 1, dtype=np.int64)
@@ -219,8 +213,7 @@ def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None, t
 
 
 def slice_rows(block: Block, lo: int, hi: int, threads: int = 1) -> Block:
-    """Rows [lo, hi) without copying the non-zeros (a block held in read order: those rows gathered, on
-    ``threads`` threads)."""
+    """Rows [lo, hi) without copying the non-zeros (a block held in read order: gathered, on ``threads``)."""
     if block.order is not None:
         return take_rows(block, block.order[lo:hi], threads=threads)
     a, b = int(block.indptr[lo]), int(block.indptr[hi])

@@ -10,8 +10,7 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
 
-from scpretrain.data_loader import StreamingLoader
-from scpretrain.data_loader import readers, soma_reader
+from scpretrain.data_loader import StreamingLoader, readers, soma_reader
 from scpretrain.data_loader.readers import Block, slice_rows, take_rows
 from scpretrain.data_loader.soma_reader import MIB, SomaReader
 from scpretrain.sharding.build import BuildConfig, build
