@@ -207,3 +207,10 @@ def test_two_thread_gather_equals_one(monkeypatch):
     for a, b in ((one.indptr, two.indptr), (one.indices, two.indices), (one.data, two.data)):
         assert np.array_equal(a, b)
     assert np.array_equal(two.data, csr[order].toarray()[csr[order].toarray() != 0])
+
+
+def test_malloc_arenas_are_capped_unless_turned_off(monkeypatch):
+    monkeypatch.setenv("SCPRETRAIN_MALLOC_ARENAS", "0")
+    assert soma_reader.cap_malloc_arenas() is False
+    monkeypatch.setenv("SCPRETRAIN_MALLOC_ARENAS", "2")
+    assert soma_reader.cap_malloc_arenas() is True  # Linux with glibc here
