@@ -9,8 +9,8 @@ Two backends behind one interface (``read(shard, start, stop)``, ``read_window(s
 """
 from __future__ import annotations
 
-import functools
 import json
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -26,11 +26,10 @@ class Block:
 
     indptr: np.ndarray  # int64 [n + 1]
     indices: np.ndarray  # uint16 (up to 65,536 genes) or int32 [nnz]
-    data: np.ndarray  # float32 [nnz]
+    data: np.ndarray  # uint16 (counts that fit) or float32 [nnz]
     cell_id: np.ndarray  # int64 [n]
     obs: dict[str, np.ndarray]
-    # A window held in read order (SomaReader): row i of the window is stored row ``order[i]``, gathered one
-    # batch at a time by ``slice_rows`` instead of permuting the whole window (one copy of it in memory, not two).
+    # a window held in read order (SomaReader): its row i is stored row ``order[i]``, gathered by ``slice_rows``
     order: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -50,9 +49,7 @@ def concat_blocks(blocks: list[Block]) -> Block:
         indptr.astype(np.int64),
         np.concatenate([b.indices for b in blocks]),
         np.concatenate([b.data for b in blocks]),
-        np.concatenate([b.cell_id for b in blocks]),
-        {k: np.concatenate([b.obs[k] for b in blocks]) for k in blocks[0].obs},
-    )
+        np.concatenate([b.cell_id for b in blocks]), {k: np.concatenate([b.obs[k] for b in blocks]) for k in blocks[0].obs})
 
 
 @runtime_checkable
@@ -178,13 +175,16 @@ def window_layout(lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, n
 
 
 GATHER_SPLIT_NNZ = 1 << 20  # below this a second thread costs more than it saves
+_HELPER: dict[int, object] = {}  # pid -> executor
 
-@functools.cache
+
 def _gather_helper():
-    """The process's one helper thread for two-thread gathers (created on first use)."""
+    """The process's one helper thread for two-thread gathers (made on first use, and again after a fork)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(1, thread_name_prefix="loader-gather")
+    if os.getpid() not in _HELPER:
+        _HELPER[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="loader-gather")
+    return _HELPER[os.getpid()]
 
 
 def take_rows(block: Block, order: np.ndarray, pool: BufferPool | None = None, threads: int = 1) -> Block:

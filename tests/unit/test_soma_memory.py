@@ -214,3 +214,28 @@ def test_malloc_arenas_are_capped_unless_turned_off(monkeypatch):
     assert soma_reader.cap_malloc_arenas() is False
     monkeypatch.setenv("SCPRETRAIN_MALLOC_ARENAS", "2")
     assert soma_reader.cap_malloc_arenas() is True  # Linux with glibc here
+
+
+def _gather_in_child(block, order, want, conn):
+    conn.send(bool(np.array_equal(take_rows(block, order, threads=2).data, want)))
+
+
+def test_two_thread_gather_after_a_fork(monkeypatch):
+    """The helper thread does not survive fork(): a forked process makes its own instead of waiting forever."""
+    import multiprocessing as mp
+
+    csr = sp.random(500, 200, density=0.1, format="csr", random_state=3, dtype=np.float32)
+    block = Block(csr.indptr.astype(np.int64), csr.indices.astype(np.uint16), csr.data,
+                  np.arange(500, dtype=np.int64), {}, order=None)
+    order = np.random.default_rng(4).permutation(500)
+    monkeypatch.setattr(readers, "GATHER_SPLIT_NNZ", 100)
+    want = take_rows(block, order, threads=2).data  # the parent's helper exists now
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_gather_in_child, args=(block, order, want, child), daemon=True)
+    p.start()
+    try:
+        assert parent.poll(60) and parent.recv() is True
+    finally:
+        p.kill()
+        p.join(10)
