@@ -13,8 +13,6 @@ MIB = 1 << 20
 # Loader memory a SOMA reader plans for (``data.soma_memory_budget``, MiB): TileDB's buffers, one read's Arrow
 # tables and the windows in flight. Chosen from the measurements in BENCHMARKS.md (SOMA memory).
 DEFAULT_MEMORY_BUDGET_MB = 512
-# bytes per non-zero of an Arrow result (int64 row, int64 column, float32 value)
-ARROW_BYTES = 20
 
 
 def _rows_unsorted_py(dim0, last):  # pragma: no cover - numba target

@@ -137,9 +137,10 @@ def write_shard(job: ShardJob, shard: int, rows: ShardRows | None = None) -> Non
         from scpretrain.sharding import soma_store  # only SOMA builds import tiledbsoma
 
         soma_store.write_rows(job.out / "soma", int(job.offsets[shard]), csr, obs, replace=job.soma_resumed)
-        # SOMA X is int64 x float32; these are the dtypes the loader hands out (the Zarr shards' rule)
-        record["soma_dtypes"] = {k: str(v) for k, v in zarr_store.x_dtypes(csr, job.x_dtype).items()
-                                 if k in ("indices", "data")}
+        # SOMA X is int64 x float32; these are the dtypes the loader hands out: the Zarr shards' rule, so the
+        # Zarr shard's own when this shard was just written as one too (no second pass over its counts)
+        dtypes = record.get("dtypes") or {k: v.name for k, v in zarr_store.x_dtypes(csr, job.x_dtype).items()}
+        record["soma_dtypes"] = {k: dtypes[k] for k in ("indices", "data")}
     mf.write_atomic(build_dir / "done" / f"shard-{shard:05d}.json", json.dumps(record).encode())
     for root in job.spools:  # disk use falls as phase 2 goes
         shutil.rmtree(root / f"shard-{shard:05d}", ignore_errors=True)
